@@ -1,0 +1,64 @@
+"""bayes_dgme: Bayesian inference in deviated Gaussian mixtures of experts.
+
+Data come from ``(1 - λ) g0(y|x) + λ Σ_i π_i(x) N(y | a_i·x + b_i, v_i)`` with a known ``g0``.
+The package builds the PyMC model, samples posteriors, scores posterior draws against the truth with
+the Voronoi losses of Nguyen, Nguyen & Ho (AISTATS 2024), and measures posterior contraction next to
+the MLE (EM / MAP).
+
+Heavy modules (PyMC, ArviZ, Dask) are imported on first use, so ``import bayes_dgme`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import known
+from .data import check_data
+from .likelihood import log_joint_terms, loglik, loglik_pointwise
+from .params import Params, Truth
+from .priors import Priors
+from .scenario import DEFAULT_SCENARIO, Scenario, list_scenarios, load_scenario
+from .simulate import simulate
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported lazily)
+_LAZY = {
+    "voronoi_loss": "losses",
+    "voronoi_cells": "losses",
+    "cell_errors": "losses",
+    "RBAR": "losses",
+    "rbar": "losses",
+    "wasserstein_loss": "wasserstein",
+    "posterior_losses": "posterior",
+    "build_model": "model",
+    "sample": "sampling",
+    "params_from_posterior": "sampling",
+    "fit_em": "em",
+    "fit_map": "map",
+    "FitResult": "results",
+    "run_study": "study",
+    "load_results": "study",
+    "contraction_rates": "rates",
+    "deviation_test": "deviation",
+}
+
+__all__ = [
+    "known", "Params", "Truth", "Priors", "Scenario", "load_scenario", "list_scenarios",
+    "DEFAULT_SCENARIO", "simulate", "loglik", "loglik_pointwise", "log_joint_terms", "check_data",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'bayes_dgme' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

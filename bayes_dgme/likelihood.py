@@ -1,0 +1,102 @@
+"""Log-likelihood of a DGME, vectorised over leading batch dimensions of the parameters.
+
+    p(y | x) = (1 - λ) g0(y | x) + λ Σ_i π_i(x) N(y | a_i·x + b_i, v_i)
+
+computed in log space, so that λ = 0 and λ = 1 are exact.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .data import check_data
+from .known import KnownFunction, log_density
+from .params import Params
+
+__all__ = ["loglik", "loglik_pointwise", "log_joint_terms"]
+
+_LOG_2PI = float(np.log(2 * np.pi))
+#: Largest number of (batch × n × k) floats held at once; larger batches are processed in chunks.
+CHUNK_ELEMENTS = 2**24
+
+
+def _check(params: Params, X, Y, known: KnownFunction, log_g0: np.ndarray | None):
+    if not isinstance(params, Params):
+        raise ValueError(f"params: expected a bayes_dgme.Params, got {type(params).__name__}")
+    X, Y = check_data(X, Y, d=params.d)
+    if log_g0 is None:
+        log_g0 = log_density(known, Y, X)
+    return X, Y, np.asarray(log_g0, dtype=float)
+
+
+def log_joint_terms(params: Params, X, Y, known: KnownFunction | None = None, log_g0=None) -> np.ndarray:
+    """Log of each term of the mixture at each observation, shape ``batch + (n, k + 1)``.
+
+    Column 0 is ``log(1-λ) + log g0(y|x)``; column ``i`` is
+    ``log λ + log π_i(x) + log N(y | a_i·x + b_i, v_i)``. Their ``logsumexp`` over the last axis is
+    the pointwise log-likelihood; normalised, they are EM's responsibilities.
+    """
+    X, Y, log_g0 = _check(params, X, Y, known, log_g0)
+    return _terms(params, X, Y, log_g0)
+
+
+def _terms(params: Params, X: np.ndarray, Y: np.ndarray, log_g0: np.ndarray) -> np.ndarray:
+    lam = params.lam[..., None, None]
+    mean = np.einsum("nd,...kd->...nk", X, params.slopes) + params.intercepts[..., None, :]
+    v = params.variances[..., None, :]
+    r = Y[:, None] - mean
+    log_norm = -0.5 * (_LOG_2PI + np.log(v) + r * r / v)
+    with np.errstate(divide="ignore"):
+        experts = np.log(lam) + params.log_gates(X) + log_norm
+        null = np.log1p(-lam[..., 0]) + log_g0
+    return np.concatenate([null[..., None], experts], axis=-1)
+
+
+def _lse(a: np.ndarray) -> np.ndarray:
+    m = a.max(axis=-1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore"):
+        return np.log(np.exp(a - m).sum(axis=-1)) + m[..., 0]
+
+
+def _chunked(params: Params, X, Y, log_g0, reduce_n: bool) -> np.ndarray:
+    batch = params.batch_shape
+    n, k = Y.shape[0], params.k
+    flat = params.reshape(-1) if batch else params
+    size = int(np.prod(batch)) if batch else 1
+    step = max(1, CHUNK_ELEMENTS // max(1, n * (k + 1)))
+    out = np.empty((size,) if reduce_n else (size, n))
+    for start in range(0, size, step):
+        part = flat[start:start + step] if batch else flat
+        point = _lse(_terms(part, X, Y, log_g0))
+        val = point.sum(axis=-1) if reduce_n else point
+        out[start:start + step] = val
+    if not batch:
+        return out[0] if not reduce_n else float(out[0])
+    return out.reshape(batch if reduce_n else batch + (n,))
+
+
+def loglik_pointwise(params: Params, X, Y, known: KnownFunction | None = None, log_g0=None) -> np.ndarray:
+    """Pointwise log-likelihood ``log p(y_n | x_n)``, shape ``batch + (n,)``.
+
+    Parameters
+    ----------
+    params : Params
+    X : array_like, shape (n, d)
+    Y : array_like, shape (n,)
+    known : KnownFunction
+        ``g0``. Not needed when ``log_g0`` is given.
+    log_g0 : array_like, shape (n,), optional
+        Precomputed ``log g0(y_n | x_n)``.
+    """
+    X, Y, log_g0 = _check(params, X, Y, known, log_g0)
+    return _chunked(params, X, Y, log_g0, reduce_n=False)
+
+
+def loglik(params: Params, X, Y, known: KnownFunction | None = None, log_g0=None) -> np.ndarray | float:
+    """Total log-likelihood ``Σ_n log p(y_n | x_n)``: a float, or an array of the batch shape.
+
+    See `loglik_pointwise` for the arguments.
+    """
+    X, Y, log_g0 = _check(params, X, Y, known, log_g0)
+    return _chunked(params, X, Y, log_g0, reduce_n=True)

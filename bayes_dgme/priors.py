@@ -1,0 +1,87 @@
+"""Prior settings of the PyMC model (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = ["Priors", "ORDERINGS"]
+
+#: Ordering constraints that limit label switching: ``"none"`` or the parameter kept increasing.
+ORDERINGS = ("none", "intercepts")
+
+
+@dataclass(frozen=True)
+class Priors:
+    """Prior settings; scales left at ``None`` are set from the data when the model is built.
+
+    Parameters
+    ----------
+    lam_alpha, lam_beta : float
+        ``λ ~ Beta(lam_alpha, lam_beta)``; default ``Beta(1, 1)``.
+    dirichlet_alpha : float
+        ``p ~ Dirichlet(dirichlet_alpha · 1)`` (constant gating). Small values (e.g. ``1/k`` or
+        less) empty surplus experts in over-fitted models (Rousseau & Mengersen, 2011).
+    slope_scale, intercept_scale : float or None
+        Standard deviation of the Normal priors on slopes and intercepts; ``None`` scales them to the
+        data (see `bayes_dgme.model.data_scales`).
+    variance_scale : float or None
+        Scale of the prior on expert standard deviations ``sqrt(v_i) ~ HalfNormal(variance_scale)``;
+        ``None`` uses the standard deviation of ``Y``.
+    gate_scale : float
+        Standard deviation of the Normal priors on softmax gating parameters.
+    order : {"none", "intercepts"}
+        Ordering constraint to limit label switching (the Voronoi loss is label-invariant anyway).
+    mle : bool
+        MLE mode: flat priors on every parameter, so that the MAP estimate is the MLE.
+    """
+
+    lam_alpha: float = 1.0
+    lam_beta: float = 1.0
+    dirichlet_alpha: float = 1.0
+    slope_scale: float | None = None
+    intercept_scale: float | None = None
+    variance_scale: float | None = None
+    gate_scale: float = 3.0
+    order: str = "none"
+    mle: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("lam_alpha", "lam_beta", "dirichlet_alpha", "gate_scale"):
+            _positive(name, getattr(self, name))
+        for name in ("slope_scale", "intercept_scale", "variance_scale"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.order not in ORDERINGS:
+            raise ValueError(f"priors.order: unknown ordering {self.order!r}; choose one of {list(ORDERINGS)}")
+        if not isinstance(self.mle, bool):
+            raise ValueError(f"priors.mle: expected true or false, got {self.mle!r}")
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any] | None, field: str = "priors") -> Priors:
+        """Build from a mapping (a scenario file's ``[priors]`` table); unknown keys are errors."""
+        if spec is None:
+            return cls()
+        if not isinstance(spec, dict):
+            raise ValueError(f"{field}: expected a table, got {type(spec).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"{field}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        try:
+            return cls(**spec)
+        except ValueError as err:
+            msg = str(err)
+            raise ValueError(msg if msg.startswith(field) else f"{field}.{msg}") from None
+
+    def replace(self, **changes: Any) -> Priors:
+        """A copy with some settings changed."""
+        return type(self).from_dict({**asdict(self), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")

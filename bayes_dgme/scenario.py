@@ -1,0 +1,259 @@
+"""Scenarios: a truth, its known function, the covariate law, the fitted model and its priors.
+
+Scenario files are TOML (see ``models/`` in the repository). A scenario is named by its file name
+without ``.toml`` (``load_scenario("d1_exact")``) or given as a path.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import known as known_mod
+from .params import GATINGS, Truth
+from .priors import Priors
+from .simulate import as_rng, simulate
+
+__all__ = ["Scenario", "Covariates", "SamplerSettings", "load_scenario", "list_scenarios",
+           "scenario_dirs", "DEFAULT_SCENARIO"]
+
+#: The scenario of the demo and of commands given no scenario.
+DEFAULT_SCENARIO = "d1_exact"
+
+_TOP_KEYS = {"name", "description", "truth", "known", "covariates", "fit", "priors", "sampler", "study"}
+_TRUTH_KEYS = {"lam", "weights", "slopes", "intercepts", "variances", "gate_intercepts", "gate_slopes"}
+
+
+class ScenarioError(ValueError):
+    """A scenario file or name that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Covariates:
+    """The law of the covariates ``X``: ``uniform`` on ``[low, high]^d`` or ``normal(mean, sd)``."""
+
+    distribution: str = "uniform"
+    low: float = -1.0
+    high: float = 1.0
+    mean: float = 0.0
+    sd: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.distribution not in ("uniform", "normal"):
+            raise ScenarioError(
+                f"covariates.distribution: unknown {self.distribution!r}; choose 'uniform' or 'normal'"
+            )
+        for name in ("low", "high", "mean", "sd"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
+                raise ScenarioError(f"covariates.{name}: expected a finite number, got {v!r}")
+        if self.distribution == "uniform" and not self.low < self.high:
+            raise ScenarioError(f"covariates.low: must be < high, got low={self.low}, high={self.high}")
+        if self.sd <= 0:
+            raise ScenarioError(f"covariates.sd: must be > 0, got {self.sd}")
+
+    def draw(self, n: int, d: int, rng: np.random.Generator) -> np.ndarray:
+        if self.distribution == "uniform":
+            return rng.uniform(self.low, self.high, size=(n, d))
+        return rng.normal(self.mean, self.sd, size=(n, d))
+
+
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Default sampler settings of a scenario (``[sampler]`` table)."""
+
+    draws: int = 1000
+    tune: int = 1000
+    chains: int = 2
+    sampler: str = "nutpie"
+    target_accept: float = 0.9
+
+    def __post_init__(self) -> None:
+        for name in ("draws", "tune", "chains"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "tune" else 1):
+                raise ScenarioError(f"sampler.{name}: expected a positive integer, got {v!r}")
+        if self.sampler not in ("nutpie", "pymc", "numpyro", "blackjax"):
+            raise ScenarioError(f"sampler.sampler: unknown sampler {self.sampler!r}")
+        if not 0 < self.target_accept < 1:
+            raise ScenarioError(f"sampler.target_accept: must lie in (0, 1), got {self.target_accept!r}")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A complete simulation setting."""
+
+    name: str
+    truth: Truth
+    k: int
+    gating: str = "constant"
+    priors: Priors = field(default_factory=Priors)
+    covariates: Covariates = field(default_factory=Covariates)
+    sampler: SamplerSettings = field(default_factory=SamplerSettings)
+    description: str = ""
+    study: dict[str, Any] = field(default_factory=dict)
+    path: Path | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ScenarioError(f"fit.k: expected an integer >= 1, got {self.k!r}")
+        if self.gating not in GATINGS:
+            raise ScenarioError(f"fit.gating: unknown gating {self.gating!r}; choose one of {list(GATINGS)}")
+        if self.truth.gating != self.gating:
+            raise ScenarioError(
+                f"fit.gating: the truth uses {self.truth.gating} gating but the fit asks for {self.gating}"
+            )
+        if self.gating == "softmax" and not self.truth.known.distinguishable:
+            raise ScenarioError(
+                "known.kind: softmax gating with a Gaussian-expert g0 has no Voronoi loss defined yet "
+                "(DESIGN.md 4.3); use a distinguishable g0"
+            )
+
+    @property
+    def d(self) -> int:
+        return self.truth.d
+
+    @property
+    def loss_kind(self) -> str:
+        """``"D1"`` (distinguishable g0) or ``"D2"`` (Gaussian-expert g0)."""
+        return "D1" if self.truth.known.distinguishable else "D2"
+
+    @property
+    def fit_kind(self) -> str:
+        """``"exact"``, ``"over"`` or ``"under"``-fitted."""
+        return "exact" if self.k == self.truth.k else ("over" if self.k > self.truth.k else "under")
+
+    def simulate(self, n: int, seed=None, return_labels: bool = False):
+        """Simulate ``n`` rows with this scenario's covariate law; see `bayes_dgme.simulate`."""
+        rng = as_rng(seed)
+        return simulate(self.truth, n, seed=rng, x=lambda m, r: self.covariates.draw(m, self.d, r),
+                        return_labels=return_labels)
+
+    def to_dict(self) -> dict[str, Any]:
+        truth = self.truth.to_dict()
+        known = truth.pop("known")
+        return {
+            "name": self.name, "description": self.description, "truth": truth, "known": known,
+            "covariates": dict(self.covariates.__dict__), "fit": {"k": self.k, "gating": self.gating},
+            "priors": self.priors.to_dict(), "sampler": dict(self.sampler.__dict__), "study": dict(self.study),
+        }
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any], name: str | None = None, path: Path | None = None) -> Scenario:
+        """Build a scenario from a mapping laid out as a scenario file; every key is checked."""
+        where = f"{path}: " if path else ""
+        try:
+            return cls._from_dict(spec, name, path)
+        except ScenarioError as err:
+            raise ScenarioError(f"{where}{err}") from None
+        except ValueError as err:
+            raise ScenarioError(f"{where}{err}") from None
+
+    @classmethod
+    def _from_dict(cls, spec, name, path) -> Scenario:
+        if not isinstance(spec, dict):
+            raise ScenarioError(f"scenario: expected a table, got {type(spec).__name__}")
+        _no_unknown("", spec, _TOP_KEYS)
+        for required in ("truth", "known", "fit"):
+            if required not in spec:
+                raise ScenarioError(f"[{required}]: missing table")
+        truth_spec = _table("truth", spec["truth"])
+        _no_unknown("truth", truth_spec, _TRUTH_KEYS)
+        for required in ("lam", "slopes", "intercepts", "variances"):
+            if required not in truth_spec:
+                raise ScenarioError(f"truth.{required}: missing")
+        known = known_mod.from_dict(_table("known", spec["known"]))
+        try:
+            truth = Truth(**{"weights": None, **truth_spec}, known=known)
+        except ValueError as err:
+            raise ScenarioError(f"truth.{err}") from None
+        fit = _table("fit", spec["fit"])
+        _no_unknown("fit", fit, {"k", "gating"})
+        if "k" not in fit:
+            raise ScenarioError("fit.k: missing")
+        cov = _table("covariates", spec.get("covariates", {}))
+        _no_unknown("covariates", cov, {"distribution", "low", "high", "mean", "sd"})
+        sampler = _table("sampler", spec.get("sampler", {}))
+        _no_unknown("sampler", sampler, {"draws", "tune", "chains", "sampler", "target_accept"})
+        study = _table("study", spec.get("study", {}))
+        _no_unknown("study", study, {"n", "reps", "seed", "estimators"})
+        description = spec.get("description", "")
+        if not isinstance(description, str):
+            raise ScenarioError(f"description: expected a string, got {description!r}")
+        sname = spec.get("name", name or "scenario")
+        if not isinstance(sname, str) or not sname:
+            raise ScenarioError(f"name: expected a non-empty string, got {sname!r}")
+        return cls(
+            name=sname, truth=truth, k=fit["k"], gating=fit.get("gating", "constant"),
+            priors=Priors.from_dict(spec.get("priors")), covariates=Covariates(**cov),
+            sampler=SamplerSettings(**sampler), description=description, study=study, path=path,
+        )
+
+
+def _table(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ScenarioError(f"[{name}]: expected a table, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _no_unknown(section: str, table: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        where = f"[{section}]" if section else "top level"
+        raise ScenarioError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+
+
+def scenario_dirs() -> list[Path]:
+    """Folders searched for scenario names: ``$BAYES_DGME_MODELS``, the installed copy, the repo's ``models/``."""
+    import os
+
+    here = Path(__file__).resolve().parent
+    dirs = []
+    if os.environ.get("BAYES_DGME_MODELS"):
+        dirs.append(Path(os.environ["BAYES_DGME_MODELS"]))
+    dirs += [here / "models", here.parent / "models"]
+    return [d for d in dirs if d.is_dir()]
+
+
+def list_scenarios() -> list[str]:
+    """Names of the scenarios found in `scenario_dirs`."""
+    names: set[str] = set()
+    for d in scenario_dirs():
+        names.update(p.stem for p in d.glob("*.toml"))
+    return sorted(names)
+
+
+def load_scenario(scenario: str | Path | Scenario) -> Scenario:
+    """Load a scenario from a name in ``models/``, a path to a TOML file, or pass one through.
+
+    Raises
+    ------
+    ScenarioError (a ValueError)
+        Unknown name, missing file, invalid TOML, unknown keys or bad values; the message names them.
+    """
+    if isinstance(scenario, Scenario):
+        return scenario
+    if not isinstance(scenario, (str, Path)):
+        raise ScenarioError(f"scenario: expected a name, a path or a Scenario, got {type(scenario).__name__}")
+    text = str(scenario)
+    path = Path(text)
+    if not (text.endswith(".toml") or path.exists() or "/" in text):
+        for d in scenario_dirs():
+            if (d / f"{text}.toml").is_file():
+                path = d / f"{text}.toml"
+                break
+        else:
+            raise ScenarioError(f"scenario: unknown scenario {text!r}; known: {', '.join(list_scenarios())}")
+    if not path.is_file():
+        raise ScenarioError(f"scenario: no such file {str(path)!r}")
+    try:
+        spec = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ScenarioError(f"{path}: not valid TOML ({err})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ScenarioError(f"{path}: cannot be read ({err})") from None
+    return Scenario.from_dict(spec, name=path.stem, path=path)
