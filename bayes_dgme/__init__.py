@@ -34,7 +34,7 @@ _LAZY = {
     "posterior_losses": "posterior",
     "build_model": "model",
     "sample": "sampling",
-    "params_from_posterior": "sampling",
+    "params_from_posterior": "posterior",
     "fit_em": "em",
     "fit_map": "map",
     "FitResult": "results",
