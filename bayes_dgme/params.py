@@ -15,7 +15,7 @@ import numpy as np
 if TYPE_CHECKING:  # pragma: no cover
     from .known import KnownFunction
 
-__all__ = ["Params", "Truth", "GATINGS"]
+__all__ = ["GATINGS", "Params", "Truth"]
 
 GATINGS = ("constant", "softmax")
 
@@ -34,7 +34,7 @@ def _as_float_array(name: str, value: Any) -> np.ndarray:
 def _describe_bad(name: str, arr: np.ndarray, mask: np.ndarray, what: str) -> ValueError:
     idx = tuple(int(i) for i in np.argwhere(mask)[0])
     where = f" at index {idx}" if arr.ndim else ""
-    return ValueError(f"{name}: {what}{where} (got {arr[idx] if arr.ndim else float(arr)!r})")
+    return ValueError(f"{name}: {what}{where} (got {float(arr[idx]) if arr.ndim else float(arr)!r})")
 
 
 def _check_finite(name: str, arr: np.ndarray) -> None:
@@ -186,11 +186,15 @@ class Params:
     def log_gates(self, X: np.ndarray) -> np.ndarray:
         """Log gating weights ``log π_i(x_n)``, shape ``batch + (n, k)``."""
         X = np.asarray(X, dtype=float)
+        if X.ndim == 1 and self.d == 1:
+            X = X[:, None]
+        if X.ndim != 2 or X.shape[1] != self.d:
+            raise ValueError(f"X: expected shape (n, d={self.d}), got shape {X.shape}")
         n = X.shape[0]
         if self.weights is not None:
             with np.errstate(divide="ignore"):
                 logw = np.log(self.weights)
-            return np.broadcast_to(logw[..., None, :], self.batch_shape + (n, self.k))
+            return np.broadcast_to(logw[..., None, :], (*self.batch_shape, n, self.k))
         eta = np.einsum("nd,...kd->...nk", X, self.gate_slopes) + self.gate_intercepts[..., None, :]
         return eta - _logsumexp(eta, axis=-1)[..., None]
 
@@ -206,16 +210,28 @@ class Params:
         if not self.batch_shape:
             raise IndexError("an unbatched Params cannot be indexed")
         index = index if isinstance(index, tuple) else (index,)
+        # An Ellipsis must only span batch dimensions: pin each field's trailing dimensions.
+        has_ellipsis = any(i is Ellipsis for i in index)
+        nb = len(self.batch_shape)
         out = {}
         for name, arr in self._fields().items():
-            out[name] = None if arr is None else arr[index]
+            if arr is None:
+                out[name] = None
+                continue
+            trailing = (slice(None),) * (arr.ndim - nb) if has_ellipsis else ()
+            out[name] = arr[index + trailing]
         return Params(**out)
 
     def reshape(self, *batch_shape: int) -> Params:
         """The same draws with another batch shape (e.g. ``p.reshape(-1)`` to flatten)."""
         if len(batch_shape) == 1 and isinstance(batch_shape[0], tuple):
             batch_shape = batch_shape[0]
-        new = np.empty(self.batch_shape).reshape(batch_shape).shape
+        try:
+            new = np.empty(self.batch_shape).reshape(batch_shape).shape
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"batch_shape: cannot reshape batch shape {self.batch_shape} to {batch_shape} ({err})"
+            ) from None
         nb = len(self.batch_shape)
         out = {}
         for name, arr in self._fields().items():
