@@ -17,22 +17,25 @@ import numpy as np
 from scipy import special
 
 __all__ = [
-    "KnownFunction",
+    "KINDS",
+    "Custom",
     "GaussianExpert",
-    "StudentTExpert",
+    "KnownFunction",
     "LaplaceExpert",
     "NonlinearGaussian",
-    "Custom",
+    "StudentTExpert",
     "from_dict",
     "log_density",
-    "KINDS",
 ]
 
 _LOG_2PI = float(np.log(2 * np.pi))
 
 
 def _slope(value: Any, field: str = "slope") -> np.ndarray:
-    arr = np.atleast_1d(np.asarray(value, dtype=float))
+    try:
+        arr = np.atleast_1d(np.asarray(value, dtype=float))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{field}: expected a vector of numbers, got {value!r}") from err
     if arr.ndim != 1 or arr.size < 1:
         raise ValueError(f"{field}: expected a vector of length d >= 1, got shape {arr.shape}")
     if not np.isfinite(arr).all():
@@ -41,6 +44,8 @@ def _slope(value: Any, field: str = "slope") -> np.ndarray:
 
 
 def _positive(value: Any, field: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected a number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError) as err:
@@ -51,6 +56,8 @@ def _positive(value: Any, field: str) -> float:
 
 
 def _finite(value: Any, field: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{field}: expected a number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError) as err:
@@ -209,7 +216,7 @@ class NonlinearGaussian(_LinearLocation):
     def __init__(self, slope: Any, intercept: float, variance: float, mean: str = "tanh",
                  amplitude: float = 1.0) -> None:
         super().__init__(slope, intercept)
-        if mean not in _NONLINEAR_MEANS:
+        if not isinstance(mean, str) or mean not in _NONLINEAR_MEANS:
             raise ValueError(f"mean: unknown link {mean!r}; choose one of {sorted(_NONLINEAR_MEANS)}")
         self.link = mean
         self.variance = _positive(variance, "variance")
@@ -289,7 +296,7 @@ def from_dict(spec: dict[str, Any], field: str = "known") -> KnownFunction:
     if not isinstance(spec, dict):
         raise ValueError(f"{field}: expected a table with a 'kind' key, got {type(spec).__name__}")
     kind = spec.get("kind")
-    if kind not in KINDS:
+    if not isinstance(kind, str) or kind not in KINDS:
         raise ValueError(f"{field}.kind: unknown kind {kind!r}; choose one of {sorted(KINDS)}")
     args = {k: v for k, v in spec.items() if k != "kind"}
     required, optional = _REQUIRED[kind], _OPTIONAL.get(kind, set())
@@ -314,6 +321,8 @@ def log_density(known: KnownFunction, y: np.ndarray, X: np.ndarray) -> np.ndarra
         If shapes disagree, or if ``g0`` has no finite log density at some row (the message gives
         the first such row index and its value).
     """
+    if not callable(getattr(known, "logpdf", None)):
+        raise ValueError(f"known: expected a known function with a logpdf method, got {type(known).__name__}")
     y = np.asarray(y, dtype=float)
     X = np.asarray(X, dtype=float)
     if y.ndim != 1:
@@ -327,8 +336,8 @@ def log_density(known: KnownFunction, y: np.ndarray, X: np.ndarray) -> np.ndarra
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(
-            f"known: g0 has no finite log density at row {i} (y={y[i]!r}, x={X[i].tolist()}, "
-            f"log g0={out[i]!r}); {int(bad.sum())} row(s) affected"
+            f"known: g0 has no finite log density at row {i} (y={float(y[i])!r}, x={X[i].tolist()}, "
+            f"log g0={float(out[i])!r}); {int(bad.sum())} row(s) affected"
         )
     return out
 
