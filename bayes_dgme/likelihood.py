@@ -13,7 +13,7 @@ from .data import check_data
 from .known import KnownFunction, log_density
 from .params import Params
 
-__all__ = ["loglik", "loglik_pointwise", "log_joint_terms"]
+__all__ = ["log_joint_terms", "loglik", "loglik_pointwise"]
 
 _LOG_2PI = float(np.log(2 * np.pi))
 #: Largest number of (batch × n × k) floats held at once; larger batches are processed in chunks.
@@ -25,8 +25,20 @@ def _check(params: Params, X, Y, known: KnownFunction, log_g0: np.ndarray | None
         raise ValueError(f"params: expected a bayes_dgme.Params, got {type(params).__name__}")
     X, Y = check_data(X, Y, d=params.d)
     if log_g0 is None:
-        log_g0 = log_density(known, Y, X)
-    return X, Y, np.asarray(log_g0, dtype=float)
+        if known is None:
+            raise ValueError("known: required (the known function g0) unless log_g0 is given")
+        return X, Y, log_density(known, Y, X)
+    try:
+        log_g0 = np.asarray(log_g0, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"log_g0: cannot be read as an array of numbers ({err})") from None
+    if log_g0.shape != Y.shape:
+        raise ValueError(f"log_g0: expected shape ({Y.shape[0]},) like Y, got shape {log_g0.shape}")
+    bad = ~np.isfinite(log_g0)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"log_g0: non-finite value at row {i} ({float(log_g0[i])!r})")
+    return X, Y, log_g0
 
 
 def log_joint_terms(params: Params, X, Y, known: KnownFunction | None = None, log_g0=None) -> np.ndarray:
@@ -73,7 +85,7 @@ def _chunked(params: Params, X, Y, log_g0, reduce_n: bool) -> np.ndarray:
         out[start:start + step] = val
     if not batch:
         return out[0] if not reduce_n else float(out[0])
-    return out.reshape(batch if reduce_n else batch + (n,))
+    return out.reshape(batch if reduce_n else (*batch, n))
 
 
 def loglik_pointwise(params: Params, X, Y, known: KnownFunction | None = None, log_g0=None) -> np.ndarray:

@@ -9,7 +9,7 @@ import numpy as np
 from .data import check_data
 from .params import Truth
 
-__all__ = ["simulate", "as_rng"]
+__all__ = ["as_rng", "simulate"]
 
 
 def as_rng(seed) -> np.random.Generator:
@@ -70,6 +70,11 @@ def simulate(truth: Truth, n: int, seed=None, x: np.ndarray | Callable | None = 
     mean = np.einsum("nd,nd->n", X, truth.slopes[comp]) + truth.intercepts[comp]
     y_expert = mean + np.sqrt(truth.variances[comp]) * rng.standard_normal(n)
     y_null = np.asarray(truth.known.sample(X, rng), dtype=float)
+    if y_null.shape != (n,):
+        raise ValueError(f"known: sample(X, rng) returned shape {y_null.shape}, expected ({n},)")
+    if not np.isfinite(y_null).all():
+        row = int(np.argmax(~np.isfinite(y_null)))
+        raise ValueError(f"known: sample(X, rng) returned a non-finite value at row {row}")
     Y = np.where(from_expert, y_expert, y_null)
     if return_labels:
         return X, Y, np.where(from_expert, comp, -1)
