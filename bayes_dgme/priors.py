@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["Priors", "ORDERINGS"]
+__all__ = ["ORDERINGS", "Priors"]
 
 #: Ordering constraints that limit label switching: ``"none"`` or the parameter kept increasing.
 ORDERINGS = ("none", "intercepts")

@@ -18,8 +18,16 @@ from .params import GATINGS, Truth
 from .priors import Priors
 from .simulate import as_rng, simulate
 
-__all__ = ["Scenario", "Covariates", "SamplerSettings", "load_scenario", "list_scenarios",
-           "scenario_dirs", "DEFAULT_SCENARIO"]
+__all__ = [
+    "DEFAULT_SCENARIO",
+    "Covariates",
+    "SamplerSettings",
+    "Scenario",
+    "ScenarioError",
+    "list_scenarios",
+    "load_scenario",
+    "scenario_dirs",
+]
 
 #: The scenario of the demo and of commands given no scenario.
 DEFAULT_SCENARIO = "d1_exact"
@@ -79,7 +87,8 @@ class SamplerSettings:
                 raise ScenarioError(f"sampler.{name}: expected a positive integer, got {v!r}")
         if self.sampler not in ("nutpie", "pymc", "numpyro", "blackjax"):
             raise ScenarioError(f"sampler.sampler: unknown sampler {self.sampler!r}")
-        if not 0 < self.target_accept < 1:
+        ta = self.target_accept
+        if isinstance(ta, bool) or not isinstance(ta, (int, float)) or not 0 < ta < 1:
             raise ScenarioError(f"sampler.target_accept: must lie in (0, 1), got {self.target_accept!r}")
 
 
@@ -181,6 +190,7 @@ class Scenario:
         _no_unknown("sampler", sampler, {"draws", "tune", "chains", "sampler", "target_accept"})
         study = _table("study", spec.get("study", {}))
         _no_unknown("study", study, {"n", "reps", "seed", "estimators"})
+        _check_study(study)
         description = spec.get("description", "")
         if not isinstance(description, str):
             raise ScenarioError(f"description: expected a string, got {description!r}")
@@ -192,6 +202,26 @@ class Scenario:
             priors=Priors.from_dict(spec.get("priors")), covariates=Covariates(**cov),
             sampler=SamplerSettings(**sampler), description=description, study=study, path=path,
         )
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_study(study: dict[str, Any]) -> None:
+    """Types of the ``[study]`` values (their meaning is `bayes_dgme.study`'s business)."""
+    n = study.get("n")
+    if n is not None and not (isinstance(n, list) and n and all(_is_int(v) and v >= 1 for v in n)):
+        raise ScenarioError(f"study.n: expected a non-empty list of positive integers, got {n!r}")
+    reps = study.get("reps")
+    if reps is not None and not (_is_int(reps) and reps >= 1):
+        raise ScenarioError(f"study.reps: expected a positive integer, got {reps!r}")
+    seed = study.get("seed")
+    if seed is not None and not (_is_int(seed) and seed >= 0):
+        raise ScenarioError(f"study.seed: expected a non-negative integer, got {seed!r}")
+    est = study.get("estimators")
+    if est is not None and not (isinstance(est, list) and est and all(isinstance(e, str) and e for e in est)):
+        raise ScenarioError(f"study.estimators: expected a non-empty list of names, got {est!r}")
 
 
 def _table(name: str, value: Any) -> dict[str, Any]:
