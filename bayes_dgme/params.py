@@ -239,8 +239,15 @@ class Params:
         return Params(**out)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested lists (JSON-ready); fields that are ``None`` are left out."""
+        """Plain nested lists (JSON-ready); fields that are ``None`` are left out (see `from_dict`)."""
         return {name: arr.tolist() for name, arr in self._fields().items() if arr is not None}
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> Params:
+        """Inverse of `to_dict`: a missing ``weights`` (softmax gating) is read as ``None``."""
+        if not isinstance(spec, dict):
+            raise ValueError(f"params: expected a mapping of fields, got {type(spec).__name__}")
+        return cls(**{"weights": None, **spec})
 
     def __repr__(self) -> str:
         head = f"{type(self).__name__}(k={self.k}, d={self.d}, gating={self.gating!r}"
@@ -287,6 +294,18 @@ class Truth(Params):
         out = super().to_dict()
         out["known"] = self.known.to_dict()
         return out
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> Truth:
+        """Inverse of `to_dict`; ``known`` may be a known function or its ``{"kind": ...}`` table."""
+        if not isinstance(spec, dict):
+            raise ValueError(f"truth: expected a mapping of fields, got {type(spec).__name__}")
+        from .known import from_dict as known_from_dict
+
+        known = spec.get("known")
+        if isinstance(known, dict):
+            known = known_from_dict(known)
+        return cls(**{"weights": None, **spec, "known": known})
 
 
 def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:

@@ -151,10 +151,18 @@ def test_truth_validation():
 def test_truth_to_dict_round_trip():
     truth = bd.Truth(**BASE, known=G0)
     spec = truth.to_dict()
-    known = bd.known.from_dict(spec.pop("known"))
-    again = bd.Truth(**spec, known=known)
+    again = bd.Truth.from_dict(spec)
     np.testing.assert_array_equal(again.atoms, truth.atoms)
     assert again.known.to_dict() == G0.to_dict()
+    soft = bd.Truth(**SOFT, known=G0)
+    again = bd.Truth.from_dict(soft.to_dict())  # to_dict leaves out weights=None; from_dict restores it
+    assert again.gating == "softmax"
+    np.testing.assert_array_equal(again.gate_slopes, soft.gate_slopes)
+    assert bd.Truth.from_dict({**soft.to_dict(), "known": G0}).known is G0
+    with pytest.raises(ValueError, match=r"^known\.kind: unknown kind"):
+        bd.Truth.from_dict({**BASE, "known": {"kind": "nope"}})
+    with pytest.raises(ValueError, match=r"^truth: expected a mapping"):
+        bd.Truth.from_dict([1, 2])
 
 
 # ---------------------------------------------------------------------------------------- batches
@@ -193,6 +201,12 @@ def test_atoms_and_to_dict():
     again = bd.Params(**p.to_dict())
     np.testing.assert_array_equal(again.atoms, p.atoms)
     assert "gate_slopes" not in p.to_dict()
+    np.testing.assert_array_equal(bd.Params.from_dict(p.to_dict()).weights, p.weights)
+    s = bd.Params(**SOFT)
+    assert "weights" not in s.to_dict()
+    assert bd.Params.from_dict(s.to_dict()).gating == "softmax"
+    with pytest.raises(ValueError, match=r"^params: expected a mapping"):
+        bd.Params.from_dict(None)
     assert "Params(k=3, d=2" in repr(p)
 
 
