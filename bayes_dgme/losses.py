@@ -246,7 +246,12 @@ class _Softmax:
         self.batch = est.batch_shape
 
     def evaluate(self, c1: np.ndarray, details: bool = False):
-        """Profiled loss at translations ``c1`` of shape ``batch + (m, d)``; returns ``batch + (m,)`` (and t)."""
+        """Profiled loss at translations ``c1`` of shape ``batch + (m, d)``.
+
+        Returns ``(G, t, F)``, each ``batch + (m,)``: the loss minimised over ``c0``, the minimising
+        ``t = exp(c0)`` (relative to the normalised masses) and ``F = Σ_i ω_i E_i`` at ``t = 1`` (plus the
+        cells and distances when ``details``).
+        """
         P = self.B[..., None, :, :] + c1[..., :, None, :]  # batch + (m, k, d)
         g = P[..., :, None, :] - self.Bstar  # batch + (m, k, J, d)
         dg_all = _norm(g)  # batch + (m, k, J)
@@ -280,8 +285,8 @@ class _Softmax:
         G = np.take_along_axis(L, best[..., None], axis=-1)[..., 0]
         t_best = np.take_along_axis(t, best[..., None], axis=-1)[..., 0]
         if not details:
-            return G, t_best
-        return G, t_best, dict(cell=cell, sizes=sizes, S=S, da=da, db=db, dv=dv, dg=dg)
+            return G, t_best, F
+        return G, t_best, F, dict(cell=cell, sizes=sizes, S=S, da=da, db=db, dv=dv, dg=dg)
 
     # -------------------------------------------------------------- the search over c1
     def alignments(self) -> np.ndarray:
@@ -300,6 +305,8 @@ class _Softmax:
         # equidistant from references j and l). Between two consecutive special points the cells are fixed
         # and the loss is quasi-convex in c (t-profile of a convex F), so a golden-section search finds its
         # minimum (or its one-sided limit at an end); the special points themselves are evaluated too.
+        # Inside a piece G is a nondecreasing function of the convex F (cells fixed), so the golden
+        # section runs on F, which has no plateaus away from its minimum (G does, where t -> 0 wins).
         b = self.B[..., 0]  # batch + (k,)
         bs = self.Bstar[:, 0]  # (J,)
         pts = [self.alignments()[..., 0]]
@@ -315,21 +322,21 @@ class _Softmax:
         inv = (math.sqrt(5.0) - 1.0) / 2.0
         x1 = hi - inv * (hi - lo)
         x2 = lo + inv * (hi - lo)
-        f1, _ = self.evaluate(x1[..., None])
-        f2, _ = self.evaluate(x2[..., None])
+        f1 = self.evaluate(x1[..., None])[2]
+        f2 = self.evaluate(x2[..., None])[2]
         for _ in range(_GOLDEN_ITERS):
             left = f1 <= f2  # minimum in [lo, x2]
             hi = np.where(left, x2, hi)
             lo = np.where(left, lo, x1)
             x_new = np.where(left, hi - inv * (hi - lo), lo + inv * (hi - lo))
-            f_new, _ = self.evaluate(x_new[..., None])
+            f_new = self.evaluate(x_new[..., None])[2]
             x1, x2, f1, f2 = (
                 np.where(left, x_new, x2), np.where(left, x1, x_new),
                 np.where(left, f_new, f2), np.where(left, f1, f_new),
             )
         xm = np.where(f1 <= f2, x1, x2)
         cand = np.concatenate([s, xm], axis=-1)
-        G, t = self.evaluate(cand[..., None])
+        G, t, _ = self.evaluate(cand[..., None])
         best = np.argmin(G, axis=-1)[..., None]
         c1 = np.take_along_axis(cand, best, axis=-1)
         return (np.take_along_axis(G, best, -1)[..., 0], np.take_along_axis(t, best, -1)[..., 0], c1)
@@ -340,11 +347,12 @@ class _Softmax:
         al = self.alignments()
         cen = (np.mean(self.Bstar, axis=0) - np.mean(self.B, axis=-2))[..., None, :]
         cand = np.concatenate([al, cen], axis=-2)  # batch + (n, d)
-        G0, _ = self.evaluate(cand)
+        G0, _, F0 = self.evaluate(cand)
         n_start = min(_COMPASS_STARTS, cand.shape[-2])
         order = np.argsort(G0, axis=-1, kind="stable")[..., :n_start]
         c = np.take_along_axis(cand, order[..., None], axis=-2)  # batch + (s, d)
         g = np.take_along_axis(G0, order, axis=-1)
+        f = np.take_along_axis(F0, order, axis=-1)
         spread = np.max(_norm(al[..., :, None, :] - al[..., None, :, :]), axis=(-2, -1))
         h0 = np.maximum(spread / 4.0, 1e-3)
         h = np.broadcast_to(h0[..., None], g.shape).copy()
@@ -359,15 +367,19 @@ class _Softmax:
             if not active.any():
                 break
             trial = c[..., :, None, :] + h[..., None, None] * D  # batch + (s, nd, d)
-            Gt, _ = self.evaluate(trial.reshape(self.batch + (-1, self.d)))
+            Gt, _, Ft = self.evaluate(trial.reshape(self.batch + (-1, self.d)))
             Gt = Gt.reshape(trial.shape[:-1])
-            j = np.argmin(Gt, axis=-1)
+            Ft = Ft.reshape(trial.shape[:-1])
+            # order by (G, F): on a plateau of G (where c0 -> -inf wins) F still points downhill
+            j = np.lexsort((Ft, Gt), axis=-1)[..., 0]
             gbest = np.take_along_axis(Gt, j[..., None], -1)[..., 0]
-            better = active & (gbest < g)
+            fbest = np.take_along_axis(Ft, j[..., None], -1)[..., 0]
+            better = active & ((gbest < g) | ((gbest == g) & (fbest < f)))
             c = np.where(better[..., None], np.take_along_axis(trial, j[..., None, None], -2)[..., 0, :], c)
             g = np.where(better, gbest, g)
+            f = np.where(better, fbest, f)
             h = np.where(better | ~active, h, h / 2.0)
-        G, t = self.evaluate(c)
+        G, t, _ = self.evaluate(c)
         best = np.argmin(G, axis=-1)
         c1 = np.take_along_axis(c, best[..., None, None], -2)[..., 0, :]
         return (np.take_along_axis(G, best[..., None], -1)[..., 0],
@@ -377,7 +389,7 @@ class _Softmax:
 def _softmax(est: Params, truth: Truth, spec: RbarSpec) -> _Detail:
     sm = _Softmax(est, truth, spec)
     _, t, c1 = sm.minimise()
-    G, t, info = sm.evaluate(c1[..., None, :], details=True)
+    G, t, _, info = sm.evaluate(c1[..., None, :], details=True)
     one = lambda a: a[..., 0, :]  # noqa: E731  drop the candidate axis
     omega = t[..., 0, None] * sm.omega
     masses = t[..., 0, None] * one(info["S"])
