@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from scipy import stats
 from scipy.special import logsumexp
 
@@ -236,3 +238,20 @@ def test_zero_density_of_g0_is_reported_with_its_row(data):
     p = random_params((), "constant", seed=12)
     with pytest.raises(ValueError, match=r"^known: g0 has no finite log density at row 1 \(y=-15\.0"):
         bd.loglik(p, X, Y, g0)
+
+
+# ---------------------------------------------------------------------------------------- property
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    lam=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
+    raw=st.lists(st.sampled_from([0.0, 0.5, 1.0, 3.0]), min_size=K, max_size=K).filter(lambda w: sum(w) > 0),
+    seed=st.integers(0, 2**16),
+)
+def test_property_loglik_equals_loop(lam, raw, seed, data):
+    X, Y = data[0][:20], data[1][:20]
+    base = random_params((), "constant", seed=seed)
+    w = np.array(raw) / sum(raw)
+    p = bd.Params(lam=lam, weights=w, slopes=base.slopes, intercepts=base.intercepts, variances=base.variances)
+    got = bd.loglik(p, X, Y, G_T)
+    assert np.isfinite(got)
+    assert got == pytest.approx(loop_pointwise(p, G_T, X, Y).sum(), rel=1e-11)
