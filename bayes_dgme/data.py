@@ -30,6 +30,8 @@ def check_data(X, Y, d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"X: has {X.shape[0]} rows but Y has {Y.shape[0]} (they must match)")
     if Y.shape[0] == 0:
         raise ValueError("Y: no observations (n = 0)")
+    if X.shape[1] == 0:
+        raise ValueError(f"X: no covariate columns (shape {X.shape}); a DGME needs d >= 1")
     if d is not None and X.shape[1] != d:
         raise ValueError(f"X: expected d={d} columns, got {X.shape[1]}")
     for name, arr in (("X", X), ("Y", Y)):

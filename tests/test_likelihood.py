@@ -255,3 +255,26 @@ def test_property_loglik_equals_loop(lam, raw, seed, data):
     got = bd.loglik(p, X, Y, G_T)
     assert np.isfinite(got)
     assert got == pytest.approx(loop_pointwise(p, G_T, X, Y).sum(), rel=1e-11)
+
+
+# ---------------------------------------------------------------------------------------- check_data
+def test_check_data():
+    X, Y = bd.check_data([0.1, 0.2, 0.3], [1, 2, 3])  # 1-d X is one covariate; ints become floats
+    assert X.shape == (3, 1) and Y.shape == (3,) and X.dtype == float and Y.dtype == float
+    X, Y = bd.check_data(np.zeros((4, 2)), np.zeros(4), d=2)
+    assert X.shape == (4, 2)
+    for args, pattern in [
+        ((np.zeros((4, 2)), np.zeros(4), 3), r"^X: expected d=3 columns, got 2"),
+        ((np.zeros((4, 0)), np.zeros(4), None), r"^X: no covariate columns"),
+        ((np.zeros((4, 2, 1)), np.zeros(4), None), r"^X: expected shape \(n, d\)"),
+        ((np.zeros(4), 1.0, None), r"^Y: expected shape \(n,\)"),
+        ((np.zeros(3), np.zeros(4), None), r"^X: has 3 rows but Y has 4"),
+        ((np.zeros(0), np.zeros(0), None), r"^Y: no observations"),
+        (([[1.0], ["x"]], np.zeros(2), None), r"^X: cannot be read"),
+        ((np.zeros(2), [1.0, None], None), r"^Y: non-finite value .* at row 1"),  # None reads as NaN
+        ((np.zeros(2), ["a", "b"], None), r"^Y: cannot be read"),
+        ((np.zeros(3), [0.0, 1.0, np.nan], None), r"^Y: non-finite value .* at row 2"),
+        (([[0.0, 1.0], [np.inf, 0.0]], np.zeros(2), None), r"^X: non-finite value .* at row 1"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            bd.check_data(*args[:2], d=args[2])
