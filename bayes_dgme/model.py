@@ -1,0 +1,393 @@
+"""The PyMC model of a deviated Gaussian mixture of experts (DESIGN.md section 3).
+
+    p(y | x) = (1 - λ) g0(y | x) + λ Σ_i π_i(x) N(y | a_i·x + b_i, v_i)
+
+The likelihood is the marginal mixture in log space; ``log g0(y_n | x_n)`` is computed once, with
+`bayes_dgme.known.log_density`, and enters the model as data. The observed node ``y`` is a
+`pymc.CustomDist` with a ``logp`` (the mixture) and a ``random`` (draws from ``g0`` or an expert), so
+prior and posterior predictive sampling work.
+
+Parameterisation
+----------------
+Everything that depends on the data (``X``, ``Y``, ``log g0`` and the data-based prior scales of
+`data_scales`) is held in `pymc.Data` containers, and the location/scale parameters are sampled in
+standardised form::
+
+    slopes     = slope_scale[j] · slopes_z,                 slopes_z     ~ Normal(0, 1)
+    intercepts = intercept_loc + intercept_scale · intercepts_z,  intercepts_z ~ Normal(0, 1)
+    variances  = (variance_scale · sds_z)²,                  sds_z        ~ HalfNormal(1)
+
+which is exactly ``slopes ~ Normal(0, slope_scale)``, ``intercepts ~ Normal(intercept_loc,
+intercept_scale)`` and ``sqrt(variances) ~ HalfNormal(variance_scale)``. The initial point is
+therefore the same for every dataset, and one compiled model can be re-used on new data without
+recompiling (see `model_data` and `bayes_dgme.sampling.compile_model`).
+
+Variable names (the contract of docs/ARCHITECTURE.md): ``lam`` [], ``weights`` [expert] (constant
+gating), ``gate_intercepts`` [expert] and ``gate_slopes`` [expert, covariate] (softmax gating, the
+last expert pinned to 0), ``slopes`` [expert, covariate], ``intercepts`` [expert], ``variances``
+[expert]; observed ``y`` [obs]. Data: ``X`` [obs, covariate], ``Y`` [obs], ``log_g0`` [obs],
+``slope_scale`` [covariate], ``intercept_loc``, ``intercept_scale``, ``variance_scale``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pymc as pm
+import pytensor.tensor as pt
+
+from .data import check_data
+from .known import KnownFunction, log_density
+from .params import GATINGS
+from .priors import Priors
+
+__all__ = ["build_model", "data_scales", "model_data", "model_spec", "ModelSpec", "SCALE_FACTOR",
+           "mixture_logp", "DATA_NAMES"]
+
+#: Width of the weakly-informative data-based priors, in units of the data's spread.
+SCALE_FACTOR = 2.5
+
+#: Names of the `pymc.Data` containers of a model built by `build_model`.
+DATA_NAMES = ("X", "Y", "log_g0", "slope_scale", "intercept_loc", "intercept_scale", "variance_scale")
+
+_LOG_2PI = float(np.log(2 * np.pi))
+
+
+# ---------------------------------------------------------------------------------------------- scales
+def data_scales(X, Y) -> dict[str, Any]:
+    """Data-based locations and scales of the default priors.
+
+    With ``s_y`` the standard deviation of ``Y``, ``m_j``, ``s_j`` the mean and standard deviation of
+    covariate ``j`` (a zero standard deviation is replaced by 1) and ``c = SCALE_FACTOR = 2.5``:
+
+    - ``slope_scale[j] = c · s_y / s_j``: a slope that moves the mean by ``c`` standard
+      deviations of ``Y`` per standard deviation of ``x_j`` is one prior sd away;
+    - ``intercept_loc = mean(Y)``;
+    - ``intercept_scale = c · s_y · sqrt(1 + Σ_j (m_j / s_j)²)``: the intercept is the mean at
+      ``x = 0``, which lies ``|m_j / s_j|`` covariate sds away from the data's centre, and the slope
+      prior's spread reaches it;
+    - ``variance_scale = s_y``: the scale of ``sqrt(v_i) ~ HalfNormal(variance_scale)`` (an expert
+      is not expected to be much wider than all of ``Y``).
+
+    A zero ``s_y`` (all ``Y`` equal, or ``n = 1``) is replaced by 1.
+
+    Parameters
+    ----------
+    X : array_like, shape (n, d) or (n,)
+    Y : array_like, shape (n,)
+
+    Returns
+    -------
+    dict
+        ``slope_scale`` (array of shape ``(d,)``), ``intercept_loc``, ``intercept_scale``,
+        ``variance_scale`` (floats).
+    """
+    X, Y = check_data(X, Y)
+    s_y = float(Y.std())
+    s_y = s_y if s_y > 0 else 1.0
+    m_x = X.mean(axis=0)
+    s_x = X.std(axis=0)
+    s_x = np.where(s_x > 0, s_x, 1.0)
+    return {
+        "slope_scale": SCALE_FACTOR * s_y / s_x,
+        "intercept_loc": float(Y.mean()),
+        "intercept_scale": float(SCALE_FACTOR * s_y * np.sqrt(1.0 + np.sum((m_x / s_x) ** 2))),
+        "variance_scale": s_y,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- spec
+@dataclass(frozen=True)
+class ModelSpec:
+    """What `build_model` was given, kept on the model (``model_spec(model)``).
+
+    Attributes
+    ----------
+    known : KnownFunction
+    k, d : int
+    gating : str
+    priors : Priors
+    """
+
+    known: KnownFunction
+    k: int
+    d: int
+    gating: str
+    priors: Priors
+
+
+_SPEC_ATTR = "_bayes_dgme_spec"
+
+
+def model_spec(model: pm.Model) -> ModelSpec:
+    """The `ModelSpec` of a model built by `build_model` (``ValueError`` for any other model)."""
+    spec = getattr(model, _SPEC_ATTR, None)
+    if not isinstance(spec, ModelSpec):
+        raise ValueError(f"model: not built by bayes_dgme.build_model (got {type(model).__name__})")
+    return spec
+
+
+def _check_k(k: Any) -> int:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k: the number of experts must be an integer >= 1, got {k!r}")
+    return int(k)
+
+
+def _check_gating(gating: Any) -> str:
+    if gating not in GATINGS:
+        raise ValueError(f"gating: unknown gating {gating!r}; choose one of {list(GATINGS)}")
+    return gating
+
+
+def _check_priors(priors: Any) -> Priors:
+    if priors is None:
+        return Priors()
+    if isinstance(priors, dict):
+        return Priors.from_dict(priors)
+    if not isinstance(priors, Priors):
+        raise ValueError(f"priors: expected a bayes_dgme.Priors (or a dict of its fields), got "
+                         f"{type(priors).__name__}")
+    return priors
+
+
+def _check_known(known: Any) -> KnownFunction:
+    if not isinstance(known, KnownFunction):
+        raise ValueError(f"known: expected a known function from bayes_dgme.known, got {type(known).__name__}")
+    return known
+
+
+def model_data(X, Y, known: KnownFunction, priors: Priors | None = None, d: int | None = None) -> dict[str, Any]:
+    """Values of every `pymc.Data` container of the model for the dataset ``(X, Y)``.
+
+    ``log_g0`` is computed (and checked) here; prior scales left at ``None`` in ``priors`` come
+    from `data_scales`. This is what `bayes_dgme.sampling.CompiledModel.with_data` feeds to a
+    compiled model.
+
+    Parameters
+    ----------
+    X : array_like, shape (n, d)
+    Y : array_like, shape (n,)
+    known : KnownFunction
+    priors : Priors, optional
+    d : int, optional
+        Required number of covariates.
+
+    Returns
+    -------
+    dict
+        Keys `DATA_NAMES`.
+    """
+    known = _check_known(known)
+    priors = _check_priors(priors)
+    X, Y = check_data(X, Y, d=d)
+    scales = data_scales(X, Y)
+    dd = X.shape[1]
+    slope_scale = (np.full(dd, float(priors.slope_scale)) if priors.slope_scale is not None
+                   else scales["slope_scale"])
+    return {
+        "X": X,
+        "Y": Y,
+        "log_g0": log_density(known, Y, X),
+        "slope_scale": np.asarray(slope_scale, dtype=float),
+        "intercept_loc": np.asarray(scales["intercept_loc"], dtype=float),
+        "intercept_scale": np.asarray(priors.intercept_scale if priors.intercept_scale is not None
+                                      else scales["intercept_scale"], dtype=float),
+        "variance_scale": np.asarray(priors.variance_scale if priors.variance_scale is not None
+                                     else scales["variance_scale"], dtype=float),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- logp / random
+def mixture_logp(value, lam, log_pi, slopes, intercepts, variances, X, log_g0):
+    """Pointwise DGME log density (symbolic), the ``logp`` of the observed ``y``.
+
+    ``logsumexp`` over ``[log(1-λ) + log g0, log λ + log π_i(x) + log N(y | a_i·x + b_i, v_i)]``.
+    Shapes follow the ``CustomDist`` signature ``(),(k),(k,d),(k),(k),(d),()->()``: ``value`` and
+    ``log_g0`` ``(..., n)``, ``X`` ``(..., n, d)``, ``log_pi`` ``(..., k)`` or ``(..., n, k)``.
+    """
+    mean = (X[..., None, :] * slopes).sum(axis=-1) + intercepts
+    r = value[..., None] - mean
+    log_norm = -0.5 * (_LOG_2PI + pt.log(variances) + r * r / variances)
+    experts = pt.log(lam)[..., None] + log_pi + log_norm
+    null = pt.log1p(-lam) + log_g0
+    terms = pt.concatenate([pt.shape_padright(null), experts], axis=-1)
+    return pt.logsumexp(terms, axis=-1)
+
+
+def _make_random(known: KnownFunction):
+    def random(lam, log_pi, slopes, intercepts, variances, X, log_g0, rng=None, size=None):
+        k, d = np.shape(slopes)[-2:]
+        if size is None:
+            size = np.broadcast_shapes(np.shape(lam), np.shape(log_pi)[:-1], np.shape(slopes)[:-2],
+                                       np.shape(intercepts)[:-1], np.shape(variances)[:-1],
+                                       np.shape(X)[:-1], np.shape(log_g0))
+        size = tuple(int(s) for s in np.atleast_1d(size)) if np.ndim(size) else (int(size),)
+        N = int(np.prod(size))
+        lam = np.broadcast_to(lam, size).reshape(N)
+        log_pi = np.broadcast_to(log_pi, size + (k,)).reshape(N, k)
+        slopes = np.broadcast_to(slopes, size + (k, d)).reshape(N, k, d)
+        intercepts = np.broadcast_to(intercepts, size + (k,)).reshape(N, k)
+        variances = np.broadcast_to(variances, size + (k,)).reshape(N, k)
+        X = np.broadcast_to(X, size + (d,)).reshape(N, d)
+        # expert labels from the gates (inverse cdf), then one Gaussian draw per row
+        pi = np.exp(log_pi - log_pi.max(axis=-1, keepdims=True))
+        cdf = np.cumsum(pi / pi.sum(axis=-1, keepdims=True), axis=-1)
+        label = np.minimum((rng.random(N)[:, None] > cdf).sum(axis=-1), k - 1)
+        rows = np.arange(N)
+        mean = np.einsum("nd,nd->n", X, slopes[rows, label]) + intercepts[rows, label]
+        expert = mean + np.sqrt(variances[rows, label]) * rng.standard_normal(N)
+        null = np.asarray(known.sample(np.ascontiguousarray(X), rng), dtype=float).reshape(N)
+        from_g0 = rng.random(N) >= lam
+        return np.where(from_g0, null, expert).reshape(size)
+
+    return random
+
+
+# ---------------------------------------------------------------------------------------------- model
+def _std_normal_dist(size):
+    return pm.Normal.dist(0.0, 1.0, size=size)
+
+
+def _flat_dist(size):
+    return pm.Flat.dist(size=size)
+
+
+def _spread_support_point(rv, size, *params):
+    """Initial standardised intercepts ``linspace(-1, 1, k)``: distinct (valid under the ordering)
+    and spread over the data, without a model ``initval`` (which PyMC's model transforms reject)."""
+    k = rv.shape[-1]
+    return (2.0 * pt.arange(k) - (k - 1)) / pt.maximum(k - 1, 1)
+
+
+def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
+                priors: Priors | None = None) -> pm.Model:
+    """The PyMC model of a DGME with ``k`` experts.
+
+    Parameters
+    ----------
+    X : array_like, shape (n, d) or (n,)
+        Covariates.
+    Y : array_like, shape (n,)
+        Responses.
+    known : KnownFunction
+        The known density ``g0`` (`bayes_dgme.known`); ``log g0`` is computed once as data.
+    k : int
+        Number of fitted experts (``>= 1``).
+    gating : {"constant", "softmax"}
+        Constant weights ``p ~ Dirichlet(α)`` or softmax gates ``softmax(β1·x + β0)`` with the last
+        expert's ``(β0, β1)`` pinned to 0 (the gauge).
+    priors : Priors or dict, optional
+        Prior settings (`bayes_dgme.Priors`); default ``Priors()``.
+
+    Returns
+    -------
+    pymc.Model
+        With the variables listed in the module docstring. Default priors::
+
+            lam              ~ Beta(lam_alpha, lam_beta)
+            weights          ~ Dirichlet(dirichlet_alpha · 1)          (constant gating, k >= 2)
+            gate_intercepts  ~ Normal(0, gate_scale), last = 0         (softmax gating)
+            gate_slopes      ~ Normal(0, gate_scale), last row = 0     (softmax gating)
+            slopes[i, j]     ~ Normal(0, slope_scale[j])
+            intercepts[i]    ~ Normal(intercept_loc, intercept_scale)  (increasing if order="intercepts")
+            sqrt(variances)  ~ HalfNormal(variance_scale)
+
+        with scales from `data_scales` unless set in ``priors``. With ``priors.order ==
+        "intercepts"`` the standardised intercepts carry PyMC's ``ordered`` transform (the prior is the
+        Normal restricted to increasing intercepts, up to the constant ``k!``). With
+        ``priors.mle`` every prior is flat (``Uniform(0, 1)`` for λ, a flat Dirichlet for the
+        weights, ``Flat``/``HalfFlat`` for the rest), so that the MAP estimate (``pm.find_MAP``) is
+        the MLE; such a model is improper and cannot be prior-sampled.
+
+    Raises
+    ------
+    ValueError
+        Naming the field: ``X``/``Y`` (shapes, non-finite values), ``known``, ``k``, ``gating``,
+        ``priors``, or ``known`` when ``g0`` has no finite log density at some row.
+    """
+    known = _check_known(known)
+    k = _check_k(k)
+    gating = _check_gating(gating)
+    priors = _check_priors(priors)
+    data = model_data(X, Y, known, priors)
+    n, d = data["X"].shape
+
+    coords = {"expert": np.arange(k), "covariate": np.arange(d), "obs": np.arange(n)}
+    if gating == "softmax" and k > 1:
+        coords["gate_expert"] = np.arange(k - 1)
+    mle = priors.mle
+    ordered = priors.order == "intercepts" and k > 1
+
+    with pm.Model(coords=coords) as model:
+        Xd = pm.Data("X", data["X"], dims=("obs", "covariate"))
+        Yd = pm.Data("Y", data["Y"], dims="obs")
+        log_g0 = pm.Data("log_g0", data["log_g0"], dims="obs")
+        slope_scale = pm.Data("slope_scale", data["slope_scale"], dims="covariate")
+        intercept_loc = pm.Data("intercept_loc", data["intercept_loc"])
+        intercept_scale = pm.Data("intercept_scale", data["intercept_scale"])
+        variance_scale = pm.Data("variance_scale", data["variance_scale"])
+
+        # deviation proportion
+        if mle:
+            lam = pm.Uniform("lam", 0.0, 1.0)
+        else:
+            lam = pm.Beta("lam", priors.lam_alpha, priors.lam_beta)
+
+        # gates
+        if gating == "constant":
+            if k == 1:
+                weights = pm.Deterministic("weights", pt.ones((1,)), dims="expert")
+            else:
+                alpha = 1.0 if mle else priors.dirichlet_alpha
+                weights = pm.Dirichlet("weights", np.full(k, alpha), dims="expert")
+            log_pi = pt.log(weights)
+        else:
+            if k == 1:
+                gate_b0 = pt.zeros((1,))
+                gate_b1 = pt.zeros((1, d))
+            else:
+                if mle:
+                    free_b0 = pm.Flat("gate_intercepts_free", dims="gate_expert")
+                    free_b1 = pm.Flat("gate_slopes_free", dims=("gate_expert", "covariate"))
+                else:
+                    free_b0 = pm.Normal("gate_intercepts_free", 0.0, priors.gate_scale, dims="gate_expert")
+                    free_b1 = pm.Normal("gate_slopes_free", 0.0, priors.gate_scale,
+                                        dims=("gate_expert", "covariate"))
+                gate_b0 = pt.concatenate([free_b0, pt.zeros((1,))])
+                gate_b1 = pt.concatenate([free_b1, pt.zeros((1, d))], axis=0)
+            gate_b0 = pm.Deterministic("gate_intercepts", gate_b0, dims="expert")
+            gate_b1 = pm.Deterministic("gate_slopes", gate_b1, dims=("expert", "covariate"))
+            eta = pt.dot(Xd, gate_b1.T) + gate_b0
+            log_pi = pt.special.log_softmax(eta, axis=-1)
+
+        # experts, standardised
+        if mle:
+            slopes_z = pm.Flat("slopes_z", dims=("expert", "covariate"))
+        else:
+            slopes_z = pm.Normal("slopes_z", 0.0, 1.0, dims=("expert", "covariate"))
+        kw: dict[str, Any] = {"transform": pm.distributions.transforms.ordered} if ordered else {}
+        intercepts_z = pm.CustomDist(
+            "intercepts_z", dist=_flat_dist if mle else _std_normal_dist,
+            support_point=_spread_support_point, dims="expert", **kw,
+        )
+        if mle:
+            sds_z = pm.HalfFlat("sds_z", dims="expert")
+        else:
+            sds_z = pm.HalfNormal("sds_z", 1.0, dims="expert")
+
+        slopes = pm.Deterministic("slopes", slopes_z * slope_scale, dims=("expert", "covariate"))
+        intercepts = pm.Deterministic("intercepts", intercept_loc + intercept_scale * intercepts_z,
+                                      dims="expert")
+        variances = pm.Deterministic("variances", (variance_scale * sds_z) ** 2, dims="expert")
+
+        pm.CustomDist(
+            "y", lam, log_pi, slopes, intercepts, variances, Xd, log_g0,
+            logp=mixture_logp, random=_make_random(known),
+            signature="(),(k),(k,d),(k),(k),(d),()->()",
+            observed=Yd, dims="obs",
+        )
+
+    setattr(model, _SPEC_ATTR, ModelSpec(known=known, k=k, d=d, gating=gating, priors=priors))
+    return model

@@ -1,0 +1,280 @@
+"""Posterior sampling of a model built by `bayes_dgme.build_model`.
+
+`sample` returns an ArviZ 1.x `xarray.DataTree` (groups ``posterior``, ``sample_stats`` with
+``diverging``, ``observed_data``, ``constant_data`` and, when cheap, ``log_likelihood``).
+
+nutpie (the default) compiles the model once per `pymc.Model`; for many datasets of the same shape
+(a contraction study) compile once and swap the data::
+
+    model = bd.build_model(X, Y, known, k)
+    compiled = bd.sampling.compile_model(model)           # numba compile, ~10 s
+    tree = bd.sample(compiled, seed=1)                       # the model's own data
+    tree2 = bd.sample(compiled.with_data(X2, Y2), seed=1)    # new data, no recompilation
+
+``X2`` may have another number of rows, but the same ``d`` (and the same ``k``, ``gating``,
+``known`` and ``priors`` as the model). Draws from ``compiled.with_data(X2, Y2)`` are identical to
+draws from a freshly built and compiled model on ``(X2, Y2)`` with the same seed.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pymc as pm
+import xarray as xr
+
+from .model import DATA_NAMES, model_data, model_spec
+
+__all__ = ["sample", "compile_model", "CompiledModel", "sample_predictive", "SAMPLERS", "LOG_LIKELIHOOD_MAX"]
+
+SAMPLERS = ("nutpie", "pymc", "numpyro", "blackjax")
+
+#: ``log_likelihood`` is added automatically when ``chains · draws · n`` is at most this (40 MB).
+LOG_LIKELIHOOD_MAX = 5_000_000
+
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class CompiledModel:
+    """A model compiled by nutpie, bound to one dataset.
+
+    Attributes
+    ----------
+    model : pymc.Model
+        The model it was compiled from (built by `bayes_dgme.build_model`).
+    nutpie_model : nutpie.CompiledModel
+        nutpie's compiled model, with this dataset's values.
+    data : dict
+        Values of the model's data containers (`bayes_dgme.model.DATA_NAMES`) for this dataset.
+    """
+
+    model: pm.Model
+    nutpie_model: Any
+    data: dict[str, Any] = field(repr=False)
+
+    def with_data(self, X, Y) -> CompiledModel:
+        """The same compiled model on another dataset ``(X, Y)`` (no recompilation).
+
+        ``log g0`` and the data-based prior scales are recomputed for the new data exactly as
+        `bayes_dgme.build_model` would.
+
+        Raises
+        ------
+        ValueError
+            ``X``/``Y`` invalid, or ``X`` with another number of covariates than the model.
+        """
+        spec = model_spec(self.model)
+        data = model_data(X, Y, spec.known, spec.priors, d=spec.d)
+        return CompiledModel(self.model, self.nutpie_model.with_data(**data), data)
+
+
+def compile_model(model: pm.Model | CompiledModel, **kwargs) -> CompiledModel:
+    """Compile ``model`` for nutpie (cached: a second call on the same model is free).
+
+    Parameters
+    ----------
+    model : pymc.Model
+        Built by `bayes_dgme.build_model`.
+    **kwargs
+        Passed to ``nutpie.compile_pymc_model`` (bypasses the cache).
+    """
+    if isinstance(model, CompiledModel):
+        return model
+    if not isinstance(model, pm.Model):
+        raise ValueError(f"model: expected a pymc.Model from bayes_dgme.build_model, got {type(model).__name__}")
+    model_spec(model)
+    if not kwargs and model in _COMPILED:
+        return _COMPILED[model]
+    import nutpie
+
+    data = {name: np.asarray(model[name].get_value()) for name in DATA_NAMES}
+    compiled = CompiledModel(model, nutpie.compile_pymc_model(model, **kwargs), data)
+    if not kwargs:
+        _COMPILED[model] = compiled
+    return compiled
+
+
+def _seed_int(seed) -> int:
+    if isinstance(seed, np.random.Generator):
+        return int(seed.integers(2**31))
+    if seed is None:
+        return int(np.random.SeedSequence().generate_state(1)[0] >> 1)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed: expected None, a non-negative integer or a numpy Generator, got {seed!r}")
+    return int(seed)
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _data_groups(data: dict[str, Any]) -> tuple[xr.Dataset, xr.Dataset]:
+    n, d = data["X"].shape
+    coords = {"obs": np.arange(n), "covariate": np.arange(d)}
+    observed = xr.Dataset({"y": (("obs",), data["Y"])}, coords={"obs": coords["obs"]})
+    constant = xr.Dataset(
+        {
+            "X": (("obs", "covariate"), data["X"]),
+            "log_g0": (("obs",), data["log_g0"]),
+            "slope_scale": (("covariate",), data["slope_scale"]),
+            "intercept_loc": ((), data["intercept_loc"]),
+            "intercept_scale": ((), data["intercept_scale"]),
+            "variance_scale": ((), data["variance_scale"]),
+        },
+        coords=coords,
+    )
+    return observed, constant
+
+
+def _set_model_data(model: pm.Model, data: dict[str, Any]) -> None:
+    """Point the model's data containers at ``data`` (for predictive draws and log-likelihoods)."""
+    current = model["Y"].get_value()
+    if current.shape == data["Y"].shape and all(
+        np.array_equal(model[name].get_value(), data[name]) for name in DATA_NAMES
+    ):
+        return
+    pm.set_data(data, model=model, coords={"obs": np.arange(data["Y"].shape[0])})
+
+
+def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000, chains: int = 2,
+           seed=None, sampler: str = "nutpie", target_accept: float = 0.9, progressbar: bool = True,
+           log_likelihood: bool | None = None, cores: int | None = None, **kwargs) -> xr.DataTree:
+    """Sample the posterior of a DGME model with NUTS.
+
+    Parameters
+    ----------
+    model : pymc.Model or CompiledModel
+        From `bayes_dgme.build_model`, or `compile_model` (``.with_data(X, Y)``) to reuse nutpie's
+        compilation across datasets.
+    draws, tune, chains : int
+        Kept draws, tuning steps and chains.
+    seed : int, numpy Generator or None
+        Same seed, same draws (for a given sampler and machine).
+    sampler : {"nutpie", "pymc", "numpyro", "blackjax"}
+        NUTS implementation; ``"nutpie"`` (the default) is called directly (compiled once per
+        model); the others go through ``pymc.sample(nuts_sampler=...)``.
+    target_accept : float
+        Target acceptance rate of the step-size adaptation, in (0, 1).
+    progressbar : bool
+    log_likelihood : bool or None
+        Add the pointwise ``log_likelihood`` group (for LOO/WAIC). ``None``: only when
+        ``chains · draws · n <= LOG_LIKELIHOOD_MAX``.
+    cores : int, optional
+        Chains run in parallel (default ``chains``).
+    **kwargs
+        Passed to ``nutpie.sample`` or ``pymc.sample``.
+
+    Returns
+    -------
+    xarray.DataTree
+        ``posterior`` holds ``lam``, ``weights`` or ``gate_intercepts``/``gate_slopes``,
+        ``slopes``, ``intercepts``, ``variances`` and the sampled standardised variables;
+        ``sample_stats`` holds ``diverging``; ``observed_data`` ``y``; ``constant_data`` ``X``,
+        ``log_g0`` and the prior scales.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
+    draws = _check_positive_int("draws", draws)
+    tune = _check_positive_int("tune", tune, minimum=0)
+    chains = _check_positive_int("chains", chains)
+    if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)) or not 0 < target_accept < 1:
+        raise ValueError(f"target_accept: must lie in (0, 1), got {target_accept!r}")
+    cores = chains if cores is None else _check_positive_int("cores", cores)
+    seed_int = _seed_int(seed)
+
+    if isinstance(model, CompiledModel):
+        pm_model, data = model.model, model.data
+    elif isinstance(model, pm.Model):
+        model_spec(model)
+        pm_model = model
+        data = {name: np.asarray(model[name].get_value()) for name in DATA_NAMES}
+    else:
+        raise ValueError(f"model: expected a pymc.Model from bayes_dgme.build_model or a CompiledModel, "
+                         f"got {type(model).__name__}")
+
+    if sampler == "nutpie":
+        import nutpie
+
+        compiled = compile_model(model)
+        start = time.time()
+        tree = nutpie.sample(compiled.nutpie_model, draws=draws, tune=max(tune, 1), chains=chains,
+                             cores=cores, seed=seed_int, save_warmup=False, progress_bar=progressbar,
+                             target_accept=float(target_accept), **kwargs)
+        elapsed = time.time() - start
+        tree.posterior.attrs["sampling_time"] = elapsed
+        tree.posterior.attrs["tuning_steps"] = tune
+        observed, constant = _data_groups(data)
+        tree["observed_data"] = xr.DataTree(observed)
+        tree["constant_data"] = xr.DataTree(constant)
+    else:
+        _set_model_data(pm_model, data)
+        start = time.time()
+        tree = pm.sample(draws=draws, tune=tune, chains=chains, cores=cores, random_seed=seed_int,
+                         nuts_sampler=sampler, target_accept=float(target_accept), progressbar=progressbar,
+                         model=pm_model, **kwargs)
+        elapsed = time.time() - start
+        tree.posterior.attrs.setdefault("sampling_time", elapsed)
+        observed, constant = _data_groups(data)
+        tree["constant_data"] = xr.DataTree(constant)
+
+    n = data["Y"].shape[0]
+    if log_likelihood is None:
+        log_likelihood = chains * draws * n <= LOG_LIKELIHOOD_MAX
+    if log_likelihood:
+        _set_model_data(pm_model, data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            pm.compute_log_likelihood(tree, model=pm_model, extend_inferencedata=True, progressbar=False)
+    return tree
+
+
+def sample_predictive(model: pm.Model | CompiledModel, tree: xr.DataTree | None = None, draws: int = 500,
+                      seed=None, extend: bool = True) -> xr.DataTree:
+    """Prior (``tree=None``) or posterior predictive draws of ``y``.
+
+    Parameters
+    ----------
+    model : pymc.Model or CompiledModel
+        The model (a `CompiledModel` brings its dataset's ``X``).
+    tree : xarray.DataTree, optional
+        A posterior from `sample`; without it, draws come from the prior (not in MLE mode).
+    draws : int
+        Number of prior draws (ignored for the posterior predictive: one per posterior draw).
+    seed : int, numpy Generator or None
+    extend : bool
+        Posterior predictive only: add ``posterior_predictive`` to ``tree`` (and return it).
+
+    Returns
+    -------
+    xarray.DataTree
+        With ``prior``/``prior_predictive`` or ``posterior_predictive`` (``y`` over ``obs``).
+    """
+    if isinstance(model, CompiledModel):
+        pm_model, data = model.model, model.data
+        _set_model_data(pm_model, data)
+    elif isinstance(model, pm.Model):
+        model_spec(model)
+        pm_model = model
+    else:
+        raise ValueError(f"model: expected a pymc.Model from bayes_dgme.build_model or a CompiledModel, "
+                         f"got {type(model).__name__}")
+    seed_int = _seed_int(seed)
+    with warnings.catch_warnings():
+        # the CustomDist's random runs in numba object mode; harmless
+        warnings.filterwarnings("ignore", message=".*object mode.*")
+        if tree is None:
+            if model_spec(pm_model).priors.mle:
+                raise ValueError("priors.mle: an MLE-mode model has flat (improper) priors and cannot be "
+                                 "prior-sampled")
+            draws = _check_positive_int("draws", draws)
+            return pm.sample_prior_predictive(draws=draws, model=pm_model, random_seed=seed_int)
+        return pm.sample_posterior_predictive(tree, model=pm_model, random_seed=seed_int,
+                                              extend_inferencedata=extend, progressbar=False)
