@@ -128,8 +128,8 @@ def fit_slope(n: Sequence[float], y: Sequence[float], replicate_groups: bool = T
     sizes = np.unique(x)
     out = {"slope": math.nan, "intercept": math.nan, "lo": math.nan, "hi": math.nan, "se": math.nan,
            "n_points": int(ok.sum()), "n_sizes": int(sizes.size),
-           "n_min": float(np.exp(sizes[0])) if sizes.size else math.nan,
-           "n_max": float(np.exp(sizes[-1])) if sizes.size else math.nan, "dropped": dropped}
+           "n_min": float(n[ok].min()) if sizes.size else math.nan,
+           "n_max": float(n[ok].max()) if sizes.size else math.nan, "dropped": dropped}
     if sizes.size < 2:
         return out
     slope, icpt = _ols(x[None, :], ly[None, :])

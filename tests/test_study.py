@@ -1,0 +1,277 @@
+"""Contraction studies: validation, seeds, durability (kill and resume), Dask equivalence, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import bayes_dgme as bd
+from bayes_dgme import study
+from bayes_dgme.study import NONDETERMINISTIC_COLUMNS, CellTask, cell_seeds, run_cell
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _deterministic(df: pd.DataFrame) -> pd.DataFrame:
+    return df.drop(columns=[c for c in NONDETERMINISTIC_COLUMNS if c in df.columns]).reset_index(drop=True)
+
+
+def _cells(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))}
+
+
+# ------------------------------------------------------------------------------------ validation
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"n": [100, -5]}, "n:"),
+        ({"n": [100, 100]}, "n:"),
+        ({"n": []}, "n:"),
+        ({"n": "100"}, "n:"),
+        ({"n": [10.5]}, "n:"),
+        ({"reps": 0}, "reps:"),
+        ({"reps": True}, "reps:"),
+        ({"estimators": ["posterior", "mcmc"]}, "estimators:"),
+        ({"estimators": []}, "estimators:"),
+        ({"estimators": ["em", "em"]}, "estimators:"),
+        ({"seed": -1}, "seed:"),
+        ({"seed": 1.5}, "seed:"),
+        ({"workers": 0}, "workers:"),
+        ({"draws": 0}, "draws:"),
+        ({"tune": -1}, "tune:"),
+        ({"chains": 0}, "chains:"),
+        ({"cluster": "nonsense"}, "cluster:"),
+        ({"out": None}, "out:"),
+    ],
+)
+def test_bad_arguments_name_the_field(tmp_path, kwargs, field):
+    args = {"n": [50], "reps": 1, "estimators": ["em"], "out": tmp_path / "s", "seed": 1, "progress": False}
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=field):
+        bd.run_study("d1_exact", **args)
+
+
+def test_unknown_scenario_is_a_value_error(tmp_path):
+    with pytest.raises(ValueError, match="scenario"):
+        bd.run_study("no_such_scenario", n=[50], reps=1, estimators=["em"], out=tmp_path, progress=False)
+
+
+def test_load_results_of_a_non_study_folder(tmp_path):
+    with pytest.raises(ValueError, match="out:"):
+        bd.load_results(tmp_path / "missing")
+    with pytest.raises(ValueError, match="not a study folder"):
+        bd.load_results(tmp_path)
+
+
+# ------------------------------------------------------------------------------------ seeds
+def test_cell_seeds_are_derived_from_study_seed_n_and_replicate():
+    d1, f1 = cell_seeds(7, 100, 0, "em")
+    d2, f2 = cell_seeds(7, 100, 0, "posterior")
+    assert list(d1.entropy) == list(d2.entropy) == [7, 100, 0]
+    r1 = np.random.default_rng(d1).random(3)
+    r2 = np.random.default_rng(d2).random(3)
+    np.testing.assert_array_equal(r1, r2)  # same data for every estimator
+    assert f1 != f2  # but not the same fit seed
+    assert f1 == cell_seeds(7, 100, 0, "em")[1]
+    assert cell_seeds(7, 100, 1, "em")[1] != f1
+    with pytest.raises(ValueError, match="estimator"):
+        cell_seeds(7, 100, 0, "mle")
+
+
+def test_a_cell_rerun_alone_gives_the_same_record(tmp_path):
+    df = bd.run_study("d1_exact", n=[80, 160], reps=2, estimators=["em"], out=tmp_path / "s", seed=3,
+                      workers=1, progress=False)
+    scen = bd.load_scenario("d1_exact")
+    row = df[(df["n"] == 160) & (df["replicate"] == 1)].iloc[0]
+    task = CellTask(scen, 160, 1, "em", 3, draws=1000, tune=1000, chains=2, sampler="nutpie")
+    rec = run_cell(task)
+    for key, value in rec.items():
+        if key in NONDETERMINISTIC_COLUMNS:
+            continue
+        other = row[key]
+        if value is None:
+            assert other is None or pd.isna(other), key
+        else:
+            assert other == value, key
+
+
+# ------------------------------------------------------------------------------------ folder, spec, resume
+def test_resume_skips_finished_cells_and_refuses_another_study(tmp_path):
+    out = tmp_path / "s"
+    args = {"n": [60, 90], "reps": 2, "estimators": ["em"], "out": out, "seed": 5, "workers": 1, "progress": False}
+    df1 = bd.run_study("d1_exact", **args)
+    assert len(df1) == 4
+    assert set(df1.columns) >= {"n", "replicate", "estimator", "voronoi", "wasserstein", "slope_err_1"}
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    df2 = bd.run_study("d1_exact", **args)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert before == after  # nothing recomputed
+    pd.testing.assert_frame_equal(df1, df2)
+    csv = pd.read_csv(out / "results.csv")
+    assert len(csv) == 4 and {"n", "replicate", "estimator", "voronoi"} <= set(csv.columns)
+    spec = json.loads((out / "study.json").read_text())
+    assert spec["n"] == [60, 90] and spec["reps"] == 2 and spec["seed"] == 5 and spec["estimators"] == ["em"]
+    assert spec["scenario"]["truth"]["lam"] == 0.6
+
+    for change in ({"seed": 6}, {"reps": 3}, {"n": [60, 120]}, {"estimators": ["em", "map"]}):
+        with pytest.raises(ValueError, match="different study"):
+            bd.run_study("d1_exact", **{**args, **change})
+    with pytest.raises(ValueError, match="different study"):
+        bd.run_study("d2_exact", **args)
+    loaded = bd.load_results(out)
+    pd.testing.assert_frame_equal(loaded, df1)
+    assert loaded.attrs["spec"] == spec
+
+
+def test_scenario_defaults_and_a_scenario_object(tmp_path):
+    scen = bd.load_scenario("d1_exact")
+    df = bd.run_study(scen, n=[70], reps=1, estimators="em", out=tmp_path / "s", progress=False)
+    assert df["seed"].iloc[0] == scen.study["seed"]
+    assert list(df["estimator"]) == ["em"]
+
+
+_KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import bayes_dgme as bd
+    bd.run_study("d2_over", n=[60, 80, 100, 120, 140, 160], reps=3, estimators=["em"], out=sys.argv[1],
+                 seed=11, workers=1, progress=False)
+    """
+)
+
+
+def test_sigkill_and_resume_loses_and_duplicates_nothing(tmp_path):
+    out = tmp_path / "study"
+    script = tmp_path / "run.py"
+    script.write_text(_KILL_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            if len(list((out / "cells").glob("*.json"))) >= 4 or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, f"the study ended before it could be killed: {proc.stderr.read().decode()}"
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    finished = _cells(out)
+    assert 4 <= len(finished) < 18
+
+    df = bd.run_study("d2_over", n=[60, 80, 100, 120, 140, 160], reps=3, estimators=["em"], out=out, seed=11,
+                      workers=1, progress=False)
+    assert len(df) == 18
+    assert not df.duplicated(["n", "replicate", "estimator"]).any()
+    assert (df["status"] == "ok").all()
+    after = _cells(out)
+    assert len(after) == 18
+    for key, rec in finished.items():
+        assert after[key] == rec  # finished records unchanged, byte for byte in content
+    assert not list(out.rglob("*.tmp"))
+    csv = pd.read_csv(out / "results.csv")
+    assert len(csv) == 18 and not csv.duplicated(["n", "replicate", "estimator"]).any()
+
+
+def test_a_second_concurrent_run_is_refused(tmp_path):
+    import fcntl
+
+    out = tmp_path / "s"
+    out.mkdir()
+    with open(out / ".lock", "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match="another run"):
+            bd.run_study("d1_exact", n=[50], reps=1, estimators=["em"], out=out, progress=False)
+
+
+def test_failed_cells_are_recorded_and_retried(tmp_path, monkeypatch):
+    calls = []
+
+    def boom(task, X, Y, seed):
+        calls.append(task.key)
+        raise RuntimeError("synthetic failure")
+
+    monkeypatch.setitem(study._FITTERS, "em", boom)
+    out = tmp_path / "s"
+    df = bd.run_study("d1_exact", n=[50], reps=2, estimators=["em"], out=out, workers=1, progress=False)
+    assert (df["status"] == "failed").all()
+    assert df["error"].str.contains("synthetic failure").all()
+    monkeypatch.undo()
+    df = bd.run_study("d1_exact", n=[50], reps=2, estimators=["em"], out=out, workers=1, progress=False)
+    assert (df["status"] == "ok").all() and len(df) == 2
+    assert len(calls) == 2
+
+
+# ------------------------------------------------------------------------------------ Dask and processes
+def test_local_processes_and_dask_localcluster_give_identical_records(tmp_path):
+    args = {"n": [60, 120], "reps": 2, "estimators": ["em"], "seed": 21, "progress": False}
+    inproc = bd.run_study("d2_exact", out=tmp_path / "inproc", workers=1, **args)
+    pool = bd.run_study("d2_exact", out=tmp_path / "pool", workers=2, **args)
+    dask = bd.run_study("d2_exact", out=tmp_path / "dask", cluster="local", workers=2, **args)
+    assert len(inproc) == 4
+    pd.testing.assert_frame_equal(_deterministic(inproc), _deterministic(pool))
+    pd.testing.assert_frame_equal(_deterministic(inproc), _deterministic(dask))
+    assert dask["worker"].nunique() >= 1
+    for key, rec in _cells(tmp_path / "inproc").items():
+        other = _cells(tmp_path / "dask")[key]
+        assert {k: v for k, v in rec.items() if k not in NONDETERMINISTIC_COLUMNS} == {
+            k: v for k, v in other.items() if k not in NONDETERMINISTIC_COLUMNS}
+
+
+# ------------------------------------------------------------------------------------ end to end
+@pytest.mark.slow
+def test_tiny_end_to_end_study_with_all_estimators(tmp_path):
+    out = tmp_path / "e2e"
+    df = bd.run_study("d1_exact", n=[80, 160], reps=1, estimators=("posterior", "map", "em"), out=out, seed=2,
+                      workers=1, draws=60, tune=60, chains=2, progress=False, keep_posteriors=True)
+    assert len(df) == 6
+    assert list(df["estimator"]) == ["posterior", "map", "em"] * 2
+    bad = df[df["status"] != "ok"]
+    assert bad.empty, bad[["estimator", "error"]].to_string()
+    post = df[df["estimator"] == "posterior"]
+    for col in ("voronoi", "voronoi_median", "voronoi_q90", "voronoi_q95", "wasserstein", "rhat_max",
+                "ess_bulk_min", "ess_tail_min", "divergences", "fit_seconds", "slope_err_1", "variance_err_2"):
+        assert np.isfinite(post[col].astype(float)).all(), col
+    assert (post["voronoi_q95"] >= post["voronoi_q90"]).all()
+    assert (post["voronoi_q90"] >= post["voronoi_median"]).all()
+    point = df[df["estimator"] != "posterior"]
+    assert np.isfinite(point["voronoi"]).all() and np.isfinite(point["loglik"]).all()
+    assert point["voronoi_q90"].isna().all()
+    assert sorted(p.name for p in (out / "posteriors").glob("*.nc")) == ["n160_rep0.nc", "n80_rep0.nc"]
+
+    # the posterior summary is the mean of the per-draw loss over all draws
+    import arviz as az
+
+    tree = az.from_netcdf(out / "posteriors" / "n80_rep0.nc")
+    truth = bd.load_scenario("d1_exact").truth
+    losses = np.asarray(bd.voronoi_loss(bd.params_from_posterior(tree), truth))
+    assert losses.shape == (2, 60)
+    assert np.isclose(losses.mean(), post["voronoi"].iloc[0], rtol=1e-12)
+
+    rates = bd.contraction_rates(df, n_boot=50)
+    assert {"posterior", "map", "em"} <= set(rates["estimator"])
+
+    from bayes_dgme import plots
+
+    fig1 = plots.contraction_plot(df, path=out / "contraction.png")
+    fig2 = plots.parameter_error_plot(df, path=out / "params.png")
+    assert fig1.axes and fig2.axes
+    from matplotlib.image import imread
+
+    for name in ("contraction.png", "params.png"):
+        img = imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
