@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["contraction_rates", "loss_rates", "parameter_rates", "fit_slope", "theory_slope",
-           "LOSS_THEORY", "PARAMETERS"]
+__all__ = ["contraction_rates", "loss_rates", "parameter_rates", "fit_slope", "theory_slope", "rates_markdown",
+           "write_rates", "LOSS_THEORY", "PARAMETERS"]
 
 #: Theoretical slope of every Voronoi-loss statistic.
 LOSS_THEORY = -0.5
@@ -359,3 +359,66 @@ def _finish(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df["agrees"] = ((df["lo"] - tol <= df["theory"]) & (df["theory"] <= df["hi"] + tol)).astype("boolean")
     df.loc[df["theory"].isna() | df["lo"].isna(), "agrees"] = pd.NA
     return df[_COLUMNS]
+
+
+def rates_markdown(rates: pd.DataFrame, columns: Sequence[str] | None = None, digits: int = 3) -> str:
+    """A rate table as GitHub markdown: ``slope [lo, hi]`` next to the theoretical slope.
+
+    Parameters
+    ----------
+    rates : DataFrame
+        From `contraction_rates` (extra label columns such as ``setting`` are kept in front).
+    columns : sequence of str, optional
+        Label columns to show (default: the non-numeric label columns present).
+    digits : int
+        Decimals.
+
+    Returns
+    -------
+    str
+    """
+    if not isinstance(rates, pd.DataFrame):
+        raise ValueError(f"rates: expected a DataFrame from contraction_rates, got {type(rates).__name__}")
+    if columns is None:
+        extra = [c for c in rates.columns if c not in _COLUMNS]
+        columns = [*extra, "estimator", "statistic"]
+        if "cell_size" in rates.columns and rates["cell_size"].notna().any():
+            columns.append("cell_size")
+    head = [*columns, "measured slope [95% CI]", "theory", "agrees"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    f = f"{{:+.{digits}f}}"
+    for _, r in rates.iterrows():
+        cells = []
+        for c in columns:
+            v = r[c]
+            cells.append("" if v is None or (isinstance(v, float) and math.isnan(v)) else
+                         (str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)))
+        slope = "n/a" if not np.isfinite(r["slope"]) else f.format(r["slope"])
+        if np.isfinite(r["lo"]):
+            slope += f" [{f.format(r['lo'])}, {f.format(r['hi'])}]"
+        theory = "" if not np.isfinite(r["theory"]) else _fraction(r["theory"])
+        agrees = "" if pd.isna(r["agrees"]) else ("yes" if bool(r["agrees"]) else "**no**")
+        lines.append("| " + " | ".join([*cells, slope, theory, agrees]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fraction(x: float) -> str:
+    if math.isclose(x, -0.5):
+        return "-1/2"
+    inv = -1.0 / x if x else math.inf
+    if math.isfinite(inv) and math.isclose(inv, round(inv)):
+        return f"-1/{round(inv)}"
+    return f"{x:+.3f}"
+
+
+def write_rates(rates: pd.DataFrame, folder, name: str = "rates", title: str | None = None) -> tuple[Any, Any]:
+    """Write ``rates`` as ``{folder}/{name}.csv`` and ``{folder}/{name}.md``; returns both paths."""
+    from pathlib import Path
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    csv, md = folder / f"{name}.csv", folder / f"{name}.md"
+    rates.to_csv(csv, index=False)
+    text = (f"# {title}\n\n" if title else "") + rates_markdown(rates)
+    md.write_text(text, encoding="utf-8")
+    return csv, md

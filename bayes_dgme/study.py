@@ -224,7 +224,7 @@ def _fit_posterior(task: CellTask, X: np.ndarray, Y: np.ndarray, fit_seed: int) 
         "voronoi": float(np.mean(vor)), "voronoi_median": float(np.median(vor)),
         "voronoi_q90": float(np.quantile(vor, 0.90)), "voronoi_q95": float(np.quantile(vor, 0.95)),
         "voronoi_sd": float(np.std(vor)), "wasserstein": float(np.mean(was)),
-        "lam_err": float(np.mean(np.abs(est.lam - truth.lam))),
+        "lam_err": float(np.mean(np.abs(est.lam - truth.lam))), "mass_min": _mass_min(est),
     }
     out.update(_cell_error_columns(est, truth))
     out.update(_diagnostics(tree))
@@ -257,7 +257,7 @@ def _fit_point(method: str) -> Callable[[CellTask, np.ndarray, np.ndarray, int],
         out: dict[str, Any] = {
             "voronoi": float(voronoi_loss(est, truth)),
             "wasserstein": float(wasserstein_loss(est, truth)),
-            "lam_err": float(abs(est.lam - truth.lam)),
+            "lam_err": float(abs(est.lam - truth.lam)), "mass_min": _mass_min(est),
             "loglik": float(res.loglik), "n_iter": int(res.n_iter), "converged": bool(res.converged),
         }
         out.update(_cell_error_columns(est, truth))
@@ -271,6 +271,16 @@ def _fit_point(method: str) -> Callable[[CellTask, np.ndarray, np.ndarray, int],
 _FITTERS: dict[str, Callable[[CellTask, np.ndarray, np.ndarray, int], dict[str, Any]]] = {
     "posterior": _fit_posterior, "map": _fit_point("map"), "em": _fit_point("em"),
 }
+
+
+def _mass_min(est) -> float:
+    """Smallest fitted mass ``min_i λ p_i`` (posterior mean over draws); NaN for softmax gating.
+
+    In an over-fitted model it shows whether surplus experts are emptied (-> 0) or merged.
+    """
+    if est.weights is None:
+        return math.nan
+    return float(np.mean(np.min(est.lam[..., None] * est.weights, axis=-1)))
 
 
 def _cell_error_columns(est, truth) -> dict[str, Any]:
@@ -467,7 +477,7 @@ def _frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 _COLUMN_ORDER = (
     "scenario", "loss_kind", "fit_kind", "k", "gating", "n", "replicate", "estimator", "status",
-    "voronoi", "voronoi_median", "voronoi_q90", "voronoi_q95", "voronoi_sd", "wasserstein", "lam_err",
+    "voronoi", "voronoi_median", "voronoi_q90", "voronoi_q95", "voronoi_sd", "wasserstein", "lam_err", "mass_min",
     "loglik", "n_iter", "converged", "rhat_max", "ess_bulk_min", "ess_tail_min", "divergences",
     "draws", "tune", "chains", "sampler", "seed", "fit_seed", "error", "warnings",
 )
@@ -562,19 +572,43 @@ def _read_spec(out: Path) -> dict[str, Any] | None:
         raise ValueError(f"out: {str(path)!r} is not valid JSON ({err})") from None
 
 
-def _check_or_write_spec(out: Path, spec: dict[str, Any]) -> None:
+#: Spec fields that ``extend=True`` may grow (cells do not depend on the rest of the grid).
+_GRID_KEYS = ("n", "reps", "estimators", "sampler")
+
+
+def _check_or_write_spec(out: Path, spec: dict[str, Any], extend: bool = False) -> dict[str, Any]:
+    """Write the spec of a new study, or check it against the folder's; returns the stored spec."""
     old = _read_spec(out)
     if old is None:
         if (out / CELLS_DIR).is_dir() and any((out / CELLS_DIR).glob("*.json")):
             raise ValueError(f"out: {str(out)!r} holds study cells but no {SPEC_FILE}; use an empty folder")
         _atomic_write_text(out / SPEC_FILE, json.dumps(spec, indent=2, sort_keys=True) + "\n")
-        return
-    if old != spec:
-        diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+        return spec
+    if old == spec:
+        return old
+    diff = sorted(k for k in set(old) | set(spec) if old.get(k) != spec.get(k))
+    if extend:
+        fixed = [k for k in diff if k not in _GRID_KEYS]
+        if "sampler" in diff and old.get("sampler") is not None and spec.get("sampler") is not None:
+            fixed.append("sampler")
+        if not fixed:
+            merged = dict(old)
+            merged["n"] = sorted(set(old["n"]) | set(spec["n"]))
+            merged["reps"] = max(old["reps"], spec["reps"])
+            merged["estimators"] = [e for e in ESTIMATORS if e in old["estimators"] or e in spec["estimators"]]
+            merged["sampler"] = old.get("sampler") or spec.get("sampler")
+            if merged != old:
+                _atomic_write_text(out / SPEC_FILE, json.dumps(merged, indent=2, sort_keys=True) + "\n")
+            return merged
         raise ValueError(
-            f"out: the folder {str(out)!r} holds a different study (it differs in: {', '.join(diff)}); "
-            "rerun with the same settings to resume it, or choose another folder"
+            f"out: the folder {str(out)!r} holds a different study (it differs in: {', '.join(sorted(fixed))}); "
+            "only n, reps and estimators can be extended; choose another folder"
         )
+    raise ValueError(
+        f"out: the folder {str(out)!r} holds a different study (it differs in: {', '.join(diff)}); "
+        "rerun with the same settings to resume it, pass extend=True to add sample sizes, replicates or "
+        "estimators, or choose another folder"
+    )
 
 
 # ---------------------------------------------------------------------------------------- validation
@@ -633,6 +667,7 @@ def run_study(
     chains: int | None = None,
     progress: bool = True,
     keep_posteriors: bool = False,
+    extend: bool = False,
 ) -> pd.DataFrame:
     """Run (or resume) a contraction study and return its records.
 
@@ -665,6 +700,11 @@ def run_study(
         Show a rich progress bar over cells.
     keep_posteriors : bool
         Also write each posterior to ``out/posteriors/n{n}_rep{r}.nc``.
+    extend : bool
+        Accept a folder whose study differs only in ``n``, ``reps`` or ``estimators`` (same
+        scenario, seed and sampler settings): its finished cells are kept (a cell does not depend
+        on the rest of the grid), the missing ones run, and ``study.json`` records the union grid.
+        The returned frame holds the requested grid; `load_results` the whole folder.
 
     Returns
     -------
@@ -673,7 +713,8 @@ def run_study(
         ``replicate``, ``estimator``, ``status`` (``"ok"`` or ``"failed"`` with ``error``);
         losses ``voronoi`` (posterior mean of the per-draw Voronoi loss for ``posterior``, the
         point loss for ``map``/``em``), ``voronoi_median``, ``voronoi_q90``, ``voronoi_q95``,
-        ``voronoi_sd`` (posterior only), ``wasserstein`` (posterior mean / point), ``lam_err``;
+        ``voronoi_sd`` (posterior only), ``wasserstein`` (posterior mean / point), ``lam_err``
+        (``|λ - λ*|``), ``mass_min`` (smallest fitted mass ``λ p_i``: surplus experts emptied or not);
         per reference atom ``j`` (``0`` = g0's atom under D2, ``1..k*`` the true experts):
         ``cell_size_j``, ``slope_err_j``, ``intercept_err_j``, ``variance_err_j``, ``mass_err_j``;
         ``loglik``, ``n_iter``, ``converged`` (map/em); ``rhat_max``, ``ess_bulk_min``,
@@ -722,7 +763,7 @@ def run_study(
 
     spec = study_spec(scen, n_values, reps, seed, est, draws, tune, chains, scen.sampler.sampler)
     with _study_lock(folder):
-        _check_or_write_spec(folder, spec)
+        spec = _check_or_write_spec(folder, spec, extend=extend)
         _clean_temporaries(folder)
         records = _read_cells(folder)
         tasks = []
@@ -751,7 +792,8 @@ def run_study(
                     bar.advance(rec)
         elif not (folder / RESULTS_FILE).is_file():
             _write_results(folder, records)
-    df = _frame(records.values())
+    wanted = {cell_key(nv, r, e) for nv in n_values for r in range(reps) for e in est}
+    df = _frame(rec for key, rec in records.items() if key in wanted)
     df.attrs["spec"] = spec
     return df
 

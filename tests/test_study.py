@@ -133,6 +133,22 @@ def test_resume_skips_finished_cells_and_refuses_another_study(tmp_path):
     assert loaded.attrs["spec"] == spec
 
 
+def test_extend_adds_cells_and_keeps_finished_ones(tmp_path):
+    out = tmp_path / "s"
+    base = {"reps": 1, "out": out, "seed": 5, "workers": 1, "progress": False}
+    bd.run_study("d1_exact", n=[60], estimators=["em"], **base)
+    first = _cells(out)
+    df = bd.run_study("d1_exact", n=[60, 90], estimators=["em"], extend=True, **{**base, "reps": 2})
+    assert len(df) == 4
+    assert {k: v for k, v in _cells(out).items() if k in first} == first
+    spec = json.loads((out / "study.json").read_text())
+    assert spec["n"] == [60, 90] and spec["reps"] == 2
+    sub = bd.run_study("d1_exact", n=[90], estimators=["em"], extend=True, **base)
+    assert list(sub["n"]) == [90] and len(bd.load_results(out)) == 4
+    with pytest.raises(ValueError, match="differs in: seed"):
+        bd.run_study("d1_exact", n=[60], estimators=["em"], extend=True, **{**base, "seed": 6})
+
+
 def test_scenario_defaults_and_a_scenario_object(tmp_path):
     scen = bd.load_scenario("d1_exact")
     df = bd.run_study(scen, n=[70], reps=1, estimators="em", out=tmp_path / "s", progress=False)
