@@ -463,7 +463,7 @@ class DeviationResult:
     lam_rhat: float = float("nan")
     lam_ess: float = float("nan")
     n_draws: int = 0
-    seed_entropy: int | None = None
+    seed_entropy: int | list[int] | None = None
     timings: dict[str, float] = field(default_factory=dict)
     tree: Any = field(default=None, repr=False)
 
@@ -581,8 +581,10 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     are unidentified under H0. It is therefore calibrated by a parametric bootstrap:
     ``Y*_b ~ g0(·|X)`` at the observed covariates, EM refitted with the same settings,
     ``p = (1 + #{LR*_b ≥ LR}) / (1 + B)``. H0 is simple (g0 has no parameter), so this is a Monte
-    Carlo test in the sense of Barnard (1963): exact for every ``B`` up to the accuracy of the EM
-    maximisation, which is applied identically to data and replicates. Replicate ``b`` is seeded by
+    Carlo test in the sense of Barnard (1963): given X, the observed and the replicated statistics
+    are exchangeable under H0, so ``P(p ≤ α) ≤ α`` exactly, for every ``B`` and whatever the accuracy of
+    the EM maximisation, provided the same EM procedure computes the statistic on the data and on
+    every replicate (it does). Replicate ``b`` is seeded by
     ``SeedSequence(entropy, spawn_key=(1, b, ·))``: the p-value is reproducible for any number of
     workers or a Dask ``client``.
 
@@ -616,7 +618,8 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     ``Beta(1, 1)``, ``p(λ=0) = 1`` is finite and positive; for ``a > 1`` the ratio is read as the
     limit ``m_0 / p(y|θ)``, which the formula above computes directly. The summands are bounded,
     ``0 < 1/J(θ) ≤ B(a, b)/B(a, b + n)`` (because ``Π(1−λ+λ f/g0) ≥ (1−λ)^n``), so the Monte Carlo
-    average has finite variance — unlike a harmonic-mean estimator — and it resolves Bayes factors
+    average has finite variance — unlike the harmonic-mean estimator of ``m_1`` over ``(λ, θ)``,
+    which it would be without the λ integral — and it resolves Bayes factors
     of ``e^{±1000}`` and beyond because each term is exact in log space.
 
     *Why not a density estimate of the λ draws at 0.* A kernel density estimate at the edge of the
@@ -657,7 +660,8 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     draws, tune, chains : int
         Posterior sampling settings (`bayes_dgme.sample`).
     priors : Priors, optional
-        Prior settings of the model; λ's Beta prior needs ``lam_alpha, lam_beta >= 1`` for the BF.
+        Prior settings of the model; the Bayes factor needs proper priors (not ``mle=True``) and
+        λ's Beta prior with ``lam_alpha, lam_beta >= 1``.
     interval : {"hdi", "eti"}
         Highest-density or equal-tailed interval of λ.
     bf_draws : int or None
@@ -707,6 +711,9 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
         priors = Priors()
     elif not isinstance(priors, Priors):
         raise ValueError(f"priors: expected a bayes_dgme.Priors, got {type(priors).__name__}")
+    if bayesian and priors.mle:
+        raise ValueError("priors.mle: MLE mode uses flat (improper) priors, under which a Bayes factor is "
+                         "undefined; use proper priors (mle=False) or bayesian=False")
     if bayesian and (priors.lam_alpha < 1 or priors.lam_beta < 1):
         raise ValueError(
             f"priors.lam_alpha: the boundary Bayes factor needs λ ~ Beta(a, b) with a, b >= 1, "
@@ -717,7 +724,7 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     log_g0 = log_density(known, Y, X)
     res = DeviationResult(n=int(Y.shape[0]), k=k, gating=gating, level=level, interval=interval,
                           threshold=threshold, loglik_null=float(log_g0.sum()),
-                          seed_entropy=int(root.entropy) if isinstance(root.entropy, int) else None)
+                          seed_entropy=root.entropy if isinstance(root.entropy, int) else list(root.entropy))
 
     if frequentist:
         t0 = time.perf_counter()
