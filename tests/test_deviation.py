@@ -139,6 +139,16 @@ def test_bootstrap_is_reproducible_and_independent_of_workers():
     assert (one >= 0).all()
 
 
+def test_bootstrap_on_a_dask_client_matches_local():
+    distributed = pytest.importorskip("dask.distributed")
+    sc = bd.load_scenario("d2_null")
+    X, _ = sc.simulate(80, seed=1)
+    local = bootstrap_lr(X, sc.truth.known, 2, 5, seed=3, restarts=1, em_options=FAST_EM, workers=1)
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+        remote = bootstrap_lr(X, sc.truth.known, 2, 5, seed=3, restarts=1, em_options=FAST_EM, client=client)
+    np.testing.assert_array_equal(local, remote)
+
+
 # ------------------------------------------------------------------ strong deviation: both sides reject
 @pytest.fixture(scope="module")
 def strong():
@@ -202,6 +212,7 @@ def small_data():
     ({"workers": 0}, "workers"),
     ({"draws": 0}, "draws"),
     ({"priors": bd.Priors(lam_alpha=0.5)}, "priors.lam_alpha"),
+    ({"priors": bd.Priors(mle=True)}, "priors.mle"),
     ({"priors": "flat"}, "priors"),
     ({"bayesian": False, "frequentist": False}, "bayesian"),
     ({"seed": "abc"}, "seed"),
