@@ -37,6 +37,9 @@ SAMPLERS = ("nutpie", "pymc", "numpyro", "blackjax")
 #: ``log_likelihood`` is added automatically when ``chains · draws · n`` is at most this (40 MB).
 LOG_LIKELIHOOD_MAX = 5_000_000
 
+#: PyTensor mode of the small helper graphs (log-likelihood, predictive draws): quick to compile.
+_QUICK = {"mode": "FAST_COMPILE"}
+
 _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -232,12 +235,13 @@ def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000,
         _set_model_data(pm_model, data)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            pm.compute_log_likelihood(tree, model=pm_model, extend_inferencedata=True, progressbar=False)
+            pm.compute_log_likelihood(tree, model=pm_model, extend_inferencedata=True, progressbar=False,
+                                      compile_kwargs=dict(_QUICK))
     return tree
 
 
 def sample_predictive(model: pm.Model | CompiledModel, tree: xr.DataTree | None = None, draws: int = 500,
-                      seed=None, extend: bool = True) -> xr.DataTree:
+                      seed=None, extend: bool = True, compile_kwargs: dict | None = None) -> xr.DataTree:
     """Prior (``tree=None``) or posterior predictive draws of ``y``.
 
     Parameters
@@ -251,6 +255,9 @@ def sample_predictive(model: pm.Model | CompiledModel, tree: xr.DataTree | None 
     seed : int, numpy Generator or None
     extend : bool
         Posterior predictive only: add ``posterior_predictive`` to ``tree`` (and return it).
+    compile_kwargs : dict, optional
+        PyTensor compilation options; default ``{"mode": "FAST_COMPILE"}`` (the sampler of ``y`` is
+        Python code, so numba compilation would only cost time).
 
     Returns
     -------
@@ -267,6 +274,7 @@ def sample_predictive(model: pm.Model | CompiledModel, tree: xr.DataTree | None 
         raise ValueError(f"model: expected a pymc.Model from bayes_dgme.build_model or a CompiledModel, "
                          f"got {type(model).__name__}")
     seed_int = _seed_int(seed)
+    compile_kwargs = dict(_QUICK) if compile_kwargs is None else compile_kwargs
     with warnings.catch_warnings():
         # the CustomDist's random runs in numba object mode; harmless
         warnings.filterwarnings("ignore", message=".*object mode.*")
@@ -275,6 +283,8 @@ def sample_predictive(model: pm.Model | CompiledModel, tree: xr.DataTree | None 
                 raise ValueError("priors.mle: an MLE-mode model has flat (improper) priors and cannot be "
                                  "prior-sampled")
             draws = _check_positive_int("draws", draws)
-            return pm.sample_prior_predictive(draws=draws, model=pm_model, random_seed=seed_int)
+            return pm.sample_prior_predictive(draws=draws, model=pm_model, random_seed=seed_int,
+                                              compile_kwargs=compile_kwargs)
         return pm.sample_posterior_predictive(tree, model=pm_model, random_seed=seed_int,
-                                              extend_inferencedata=extend, progressbar=False)
+                                              extend_inferencedata=extend, progressbar=False,
+                                              compile_kwargs=compile_kwargs)
