@@ -53,11 +53,12 @@ RbarSpec = Mapping[int, float] | Callable[[int], float] | None
 #: Golden-section iterations per interval of the exact one-covariate softmax search (interval shrinks
 #: by 0.618 per iteration: 60 iterations leave 3e-13 of its length).
 _GOLDEN_ITERS = 60
-#: Relative step at which the compass search of the multi-covariate softmax search stops.
-_COMPASS_TOL = 1e-11
-_COMPASS_MAX_ITER = 400
-#: Number of best starting translations refined by the compass search.
-_COMPASS_STARTS = 3
+#: Multi-covariate softmax search: starting translations refined, rounds of (fix cells, minimise),
+#: iterations and backtracking halvings of the safeguarded IRLS (Weiszfeld) minimisation per round.
+_MULTI_STARTS = 2
+_MULTI_ROUNDS = 4
+_IRLS_ITERS = 60
+_IRLS_BACKTRACK = 6
 
 
 # ----------------------------------------------------------------------------------------------- r̄
@@ -286,7 +287,7 @@ class _Softmax:
         t_best = np.take_along_axis(t, best[..., None], axis=-1)[..., 0]
         if not details:
             return G, t_best, F
-        return G, t_best, F, dict(cell=cell, sizes=sizes, S=S, da=da, db=db, dv=dv, dg=dg)
+        return G, t_best, F, dict(cell=cell, sizes=sizes, S=S, da=da, db=db, dv=dv, dg=dg, m=m_i)
 
     # -------------------------------------------------------------- the search over c1
     def alignments(self) -> np.ndarray:
@@ -298,7 +299,7 @@ class _Softmax:
         """Return ``(loss, t, c1)`` at the minimising translation."""
         if self.d == 1:
             return self._minimise_1d()
-        return self._minimise_compass()
+        return self._minimise_multi()
 
     def _minimise_1d(self):
         # Special points: alignments (kinks of |β1_i + c − β1*_j|) and cell boundaries (c where atom i is
@@ -319,17 +320,29 @@ class _Softmax:
         width = np.maximum(s[..., -1] - s[..., 0], 1.0)[..., None]
         lo = np.concatenate([s[..., :1] - width, s], axis=-1)  # N + 1 intervals incl. the two outer ones
         hi = np.concatenate([s, s[..., -1:] + width], axis=-1)
+        # cells of each piece (taken at its midpoint) and, per atom, what does not depend on c1
+        info = self.evaluate(((lo + hi) / 2.0)[..., None], details=True)[3]
+        r = self.exps[info["m"]]
+        single = info["m"] == 1
+        const = np.where(single, info["da"] + info["db"] + info["dv"],
+                         info["db"] ** r + info["da"] ** (r / 2) + info["dv"] ** (r / 2))
+        power = np.where(single, 1.0, r)
+        target = bs[info["cell"]]  # batch + (P, k): β1* of each atom's cell
+        b_, w_ = b[..., None, :], self.omega[..., None, :]
+
+        def F(x: np.ndarray) -> np.ndarray:  # F on each piece with that piece's cells, x: batch + (P,)
+            return np.sum(w_ * (np.abs(b_ + x[..., None] - target) ** power + const), axis=-1)
+
         inv = (math.sqrt(5.0) - 1.0) / 2.0
         x1 = hi - inv * (hi - lo)
         x2 = lo + inv * (hi - lo)
-        f1 = self.evaluate(x1[..., None])[2]
-        f2 = self.evaluate(x2[..., None])[2]
+        f1, f2 = F(x1), F(x2)
         for _ in range(_GOLDEN_ITERS):
             left = f1 <= f2  # minimum in [lo, x2]
             hi = np.where(left, x2, hi)
             lo = np.where(left, lo, x1)
             x_new = np.where(left, hi - inv * (hi - lo), lo + inv * (hi - lo))
-            f_new = self.evaluate(x_new[..., None])[2]
+            f_new = F(x_new)
             x1, x2, f1, f2 = (
                 np.where(left, x_new, x2), np.where(left, x1, x_new),
                 np.where(left, f_new, f2), np.where(left, f1, f_new),
@@ -341,49 +354,66 @@ class _Softmax:
         c1 = np.take_along_axis(cand, best, axis=-1)
         return (np.take_along_axis(G, best, -1)[..., 0], np.take_along_axis(t, best, -1)[..., 0], c1)
 
-    def _minimise_compass(self):
-        # Multi-start compass (pattern) search: starts = the best few alignments β1*_j − β1_i and the
-        # centroid alignment; directions = all of {-1, 0, 1}^d \ {0} (d ≤ 3) or ±axes (d > 3).
+    def _minimise_multi(self):
+        # d >= 2. Candidates: every alignment β1*_j − β1_i and the centroid alignment (exact G at each).
+        # From the best few, alternate: fix the cells at the current c1, minimise the convex F of those
+        # cells over R^d (safeguarded IRLS/Weiszfeld steps from the cells' mass-weighted alignment
+        # centroid), re-evaluate G (cells recomputed) there; stop when the cells no longer change, i.e.
+        # the minimiser of F lies in its own region, where it is that region's exact minimum.
         al = self.alignments()
         cen = (np.mean(self.Bstar, axis=0) - np.mean(self.B, axis=-2))[..., None, :]
         cand = np.concatenate([al, cen], axis=-2)  # batch + (n, d)
-        G0, _, F0 = self.evaluate(cand)
-        n_start = min(_COMPASS_STARTS, cand.shape[-2])
-        order = np.argsort(G0, axis=-1, kind="stable")[..., :n_start]
+        G0, _, _ = self.evaluate(cand)
+        order = np.argsort(G0, axis=-1, kind="stable")[..., :min(_MULTI_STARTS, cand.shape[-2])]
         c = np.take_along_axis(cand, order[..., None], axis=-2)  # batch + (s, d)
-        g = np.take_along_axis(G0, order, axis=-1)
-        f = np.take_along_axis(F0, order, axis=-1)
-        spread = np.max(_norm(al[..., :, None, :] - al[..., None, :, :]), axis=(-2, -1))
-        h0 = np.maximum(spread / 4.0, 1e-3)
-        h = np.broadcast_to(h0[..., None], g.shape).copy()
-        if self.d <= 3:
-            D = np.array([v for v in itertools.product((-1.0, 0.0, 1.0), repeat=self.d) if any(v)])
-            D = D / _norm(D)[:, None]
-        else:
-            D = np.concatenate([np.eye(self.d), -np.eye(self.d)])
-        stop = (_COMPASS_TOL * (1.0 + h0))[..., None]
-        for _ in range(_COMPASS_MAX_ITER):
-            active = h > stop
-            if not active.any():
+        best_c, best_g = cand, G0
+        prev_cell = None
+        for _ in range(_MULTI_ROUNDS):
+            _, _, _, info = self.evaluate(c, details=True)
+            cell = info["cell"]
+            if prev_cell is not None and np.array_equal(cell, prev_cell):
                 break
-            trial = c[..., :, None, :] + h[..., None, None] * D  # batch + (s, nd, d)
-            Gt, _, Ft = self.evaluate(trial.reshape(self.batch + (-1, self.d)))
-            Gt = Gt.reshape(trial.shape[:-1])
-            Ft = Ft.reshape(trial.shape[:-1])
-            # order by (G, F): on a plateau of G (where c0 -> -inf wins) F still points downhill
-            j = np.lexsort((Ft, Gt), axis=-1)[..., 0]
-            gbest = np.take_along_axis(Gt, j[..., None], -1)[..., 0]
-            fbest = np.take_along_axis(Ft, j[..., None], -1)[..., 0]
-            better = active & ((gbest < g) | ((gbest == g) & (fbest < f)))
+            c = self._region_minimum(info)
+            prev_cell = cell
+            G, _, _ = self.evaluate(c)
+            best_c = np.concatenate([best_c, c], axis=-2)
+            best_g = np.concatenate([best_g, G], axis=-1)
+        i = np.argmin(best_g, axis=-1)
+        c1 = np.take_along_axis(best_c, i[..., None, None], axis=-2)  # batch + (1, d)
+        G, t, _ = self.evaluate(c1)
+        return G[..., 0], t[..., 0], c1[..., 0, :]
+
+    def _region_minimum(self, info: dict) -> np.ndarray:
+        """Minimise ``F(c) = Σ_i ω_i ‖β1_i + c − β1*_{cell(i)}‖^{p_i}`` (+ constants) with the cells fixed."""
+        m = info["m"]  # batch + (s, k)
+        p = np.where(m == 1, 1.0, self.exps[m])
+        u = self.B[..., None, :, :] - self.Bstar[info["cell"]]  # batch + (s, k, d): F's terms are ‖u + c‖^p
+        w = np.broadcast_to(self.omega[..., None, :], m.shape)
+        w = np.where(w > 0, w, 1e-300)  # an atom of zero mass still pins down c when all masses are zero
+        scale = 1.0 + np.max(np.abs(u), axis=(-2, -1))  # batch + (s,)
+        eps = 1e-12 * scale[..., None]
+
+        def F(c: np.ndarray) -> np.ndarray:  # c: batch + (s, q, d) -> batch + (s, q)
+            return np.sum(w[..., None, :] * _norm(u[..., None, :, :] + c[..., :, None, :]) ** p[..., None, :], -1)
+
+        c = -np.sum(w[..., None] * u, axis=-2) / np.sum(w, axis=-1)[..., None]  # weighted alignment centroid
+        f = F(c[..., None, :])[..., 0]
+        shrink = 0.5 ** np.arange(_IRLS_BACKTRACK)
+        for _ in range(_IRLS_ITERS):
+            x = u + c[..., None, :]
+            n = np.maximum(_norm(x), eps)
+            alpha = w * p * n ** (p - 2.0)
+            step = -np.sum(alpha[..., None] * x, axis=-2) / np.maximum(np.sum(alpha, axis=-1), 1e-300)[..., None]
+            trial = c[..., None, :] + shrink[:, None] * step[..., None, :]  # batch + (s, q, d)
+            ft = F(trial)
+            j = np.argmin(ft, axis=-1)
+            fj = np.take_along_axis(ft, j[..., None], -1)[..., 0]
+            better = fj < f
             c = np.where(better[..., None], np.take_along_axis(trial, j[..., None, None], -2)[..., 0, :], c)
-            g = np.where(better, gbest, g)
-            f = np.where(better, fbest, f)
-            h = np.where(better | ~active, h, h / 2.0)
-        G, t, _ = self.evaluate(c)
-        best = np.argmin(G, axis=-1)
-        c1 = np.take_along_axis(c, best[..., None, None], -2)[..., 0, :]
-        return (np.take_along_axis(G, best[..., None], -1)[..., 0],
-                np.take_along_axis(t, best[..., None], -1)[..., 0], c1)
+            f = np.where(better, fj, f)
+            if not better.any():
+                break
+        return c
 
 
 def _softmax(est: Params, truth: Truth, spec: RbarSpec) -> _Detail:
