@@ -430,6 +430,8 @@ def cmd_demo(args) -> int:
     if args.quick:  # a smoke-test size, for tests
         cfg.update(fit_n=200, fit_draws=100, fit_tune=100, fit_boot=9, study_n=[200, 400], study_reps=2,
                    study_draws=100, study_tune=100)
+    if args.estimators:
+        cfg["estimators"] = args.estimators
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {args.out!r} exists and is not a folder")
@@ -602,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on 2 cores. Rerunning resumes the study.")
     p.add_argument("--out", default="demo-output", metavar="DIR", help="output folder (default demo-output)")
     p.add_argument("--workers", type=_positive_int, default=None, help="processes (default: all cores)")
+    p.add_argument("--estimators", type=_estimator_list, default=None, metavar="E1,E2",
+                   help="estimators of the study (default: posterior,map,em)")
     p.add_argument("--quick", action="store_true", help="an even smaller run (a smoke test)")
     quiet(p)
     p.set_defaults(func=cmd_demo)
@@ -623,9 +627,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv : sequence of str, optional
         Arguments without the program name (default: ``sys.argv[1:]``).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
+    os.environ.setdefault("MPLBACKEND", "Agg")  # reports are files: never open a window
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,259 @@
+"""The ``bayes-dgme`` command line, end to end in subprocesses on tiny problems.
+
+Every command runs once for real; every user error listed in issue 6 must end with exit status 2 and
+exactly one line on stderr that names the problem, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bayes_dgme import cli
+
+_SCRIPT = Path(sys.executable).with_name("bayes-dgme")
+BASE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "bayes_dgme.cli"]
+COMMANDS = ("simulate", "fit", "mle", "study", "report", "test", "demo")
+
+
+def run(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MPLBACKEND": "Agg"}
+    env.pop("BAYES_DGME_DEBUG", None)
+    return subprocess.run([*BASE, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          env=env)
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    """Exit 2, one line on stderr naming the problem, no traceback."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    err = proc.stderr.strip()
+    assert err, "no message on stderr"
+    assert "\n" not in err, f"more than one line on stderr:\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle.lower() in err.lower(), f"{needle!r} not in {err!r}"
+
+
+# ---------------------------------------------------------------------------------------------- help
+def test_help_on_every_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--help"])
+    assert exc.value.code == 0
+    top = capsys.readouterr().out
+    for command in COMMANDS:
+        assert command in top
+        with pytest.raises(SystemExit) as exc:
+            cli.main([command, "--help"])
+        assert exc.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: bayes-dgme {command}"), text[:80]
+
+
+def test_console_script_help_runs():
+    proc = run("--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "simulate" in proc.stdout and "demo" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------- commands
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cli")
+
+
+@pytest.fixture(scope="module")
+def data_csv(workdir):
+    out = workdir / "data.csv"
+    proc = run("simulate", "d1_exact", "--n", 150, "--seed", 4, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_simulate(data_csv, workdir):
+    df = pd.read_csv(data_csv)
+    assert list(df.columns) == ["x1", "y"]
+    assert len(df) == 150
+    assert np.isfinite(df.to_numpy()).all()
+    # same seed, same data; --labels adds the latent source
+    again = workdir / "again.csv"
+    assert run("simulate", "d1_exact", "--n", 150, "--seed", 4, "--out", again, "--labels").returncode == 0
+    df2 = pd.read_csv(again)
+    np.testing.assert_array_equal(df2[["x1", "y"]].to_numpy(), df.to_numpy())
+    assert set(df2["source"]) <= {-1, 0, 1}
+
+
+def test_mle_em_from_csv(data_csv, workdir):
+    out = workdir / "estimate.json"
+    proc = run("mle", "d1_exact", "--data", data_csv, "--method", "em", "--seed", 1, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    rec = json.loads(out.read_text())
+    assert rec["method"] == "em" and rec["scenario"] == "d1_exact"
+    assert rec["data"]["source"] == str(data_csv) and rec["data"]["n"] == 150
+    assert np.isfinite(rec["loglik"]) and rec["voronoi_loss"] >= 0
+    assert len(rec["params"]["intercepts"]) == 2
+    assert "Voronoi loss" in proc.stdout
+
+
+@pytest.mark.slow
+def test_fit_then_report(data_csv, workdir):
+    fit = workdir / "fit.nc"
+    html = workdir / "fit.html"
+    proc = run("fit", "d1_exact", "--data", data_csv, "--draws", 60, "--tune", 60, "--chains", 2, "--seed", 2,
+               "--boot", 3, "--workers", 1, "--quiet", "--out", fit)
+    assert proc.returncode == 0, proc.stderr
+    assert fit.is_file()
+    assert "Voronoi loss D1" in proc.stdout and "deviation test" in proc.stdout
+    from bayes_dgme.report import FIT_SECTIONS, load_fit
+
+    fd = load_fit(fit)
+    assert fd.scenario.name == "d1_exact" and fd.Y.size == 150
+    np.testing.assert_allclose(fd.Y, pd.read_csv(data_csv)["y"].to_numpy())
+    assert fd.tree["posterior"].sizes["draw"] == 60
+    assert "posterior_predictive" in fd.tree.children
+    assert fd.meta["deviation"]["n_boot"] == 3
+    proc = run("report", fit, "--out", html)
+    assert proc.returncode == 0, proc.stderr
+    page = html.read_text(encoding="utf-8")
+    for sid in FIT_SECTIONS:
+        assert f'<section id="{sid}">' in page
+    assert page.count("data:image/png;base64,") >= 7
+
+
+def test_study_em_and_report(workdir):
+    out = workdir / "study"
+    html = workdir / "study.html"
+    proc = run("study", "d1_exact", "--n", "100,200", "--reps", 2, "--estimators", "em", "--workers", 1,
+               "--seed", 5, "--quiet", "--out", out, "--report", html)
+    assert proc.returncode == 0, proc.stderr
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 4 and set(df["estimator"]) == {"em"} and set(df["n"]) == {100, 200}
+    assert "rate of the Voronoi loss" in proc.stdout
+    assert html.is_file() and '<section id="rates">' in html.read_text(encoding="utf-8")
+    # report on the folder, and resuming does nothing new
+    html2 = workdir / "study2.html"
+    assert run("report", out, "--out", html2).returncode == 0
+    again = run("study", "d1_exact", "--n", "100,200", "--reps", 2, "--estimators", "em", "--workers", 1,
+                "--seed", 5, "--quiet", "--out", out)
+    assert again.returncode == 0, again.stderr
+    assert len(pd.read_csv(out / "results.csv")) == 4
+
+
+def test_deviation_test_command(data_csv, workdir):
+    out = workdir / "test.json"
+    proc = run("test", "d1_exact", "--data", data_csv, "--boot", 4, "--workers", 1, "--seed", 3,
+               "--frequentist-only", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "Deviation test" in proc.stdout and "p-value" in proc.stdout
+    rec = json.loads(out.read_text())
+    assert rec["n_boot"] == 4 and rec["lr_statistic"] >= 0 and 0 < rec["p_value"] <= 1
+
+
+@pytest.mark.slow
+def test_demo_quick(workdir):
+    out = workdir / "demo"
+    proc = run("demo", "--out", out, "--quick", "--estimators", "em", "--workers", 1, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    for name in ("fit.nc", "fit_report.html", "study_report.html", "study/results.csv"):
+        assert (out / name).is_file(), name
+    assert "Where to look" in proc.stdout
+    assert "fit_report.html" in proc.stdout and "study_report.html" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def bad_files(workdir):
+    files = {}
+    files["toml"] = workdir / "broken.toml"
+    files["toml"].write_text("name = 'broken'\n[truth\nlam = 0.5\n")
+    files["nan"] = workdir / "nan.csv"
+    files["nan"].write_text("x1,y\n0.1,1.0\n0.2,\n0.3,0.5\n")
+    files["cols"] = workdir / "cols.csv"
+    files["cols"].write_text("a,b\n0.1,1.0\n0.2,0.3\n")
+    files["text"] = workdir / "text.csv"
+    files["text"].write_text("x1,y\n0.1,1.0\n0.2,abc\n")
+    files["empty"] = workdir / "empty.csv"
+    files["empty"].write_text("")
+    files["junk_nc"] = workdir / "junk.nc"
+    files["junk_nc"].write_text("not a netcdf file")
+    return files
+
+
+def test_missing_data_file(workdir):
+    missing = workdir / "nope.csv"
+    assert_user_error(run("fit", "--data", missing, "--out", workdir / "f.nc"), "nope.csv", "no such")
+    assert_user_error(run("mle", "--data", missing, "--out", workdir / "e.json"), "nope.csv")
+
+
+def test_missing_report_path(workdir):
+    assert_user_error(run("report", workdir / "missing.nc", "--out", workdir / "r.html"), "missing.nc", "no such")
+
+
+def test_report_of_a_file_that_is_not_a_fit(bad_files, workdir):
+    assert_user_error(run("report", bad_files["junk_nc"], "--out", workdir / "r.html"), "junk.nc")
+
+
+def test_unknown_scenario(workdir):
+    assert_user_error(run("simulate", "no_such_scenario", "--n", 10, "--out", workdir / "a.csv"),
+                      "unknown scenario", "no_such_scenario")
+    assert_user_error(run("fit", "missing/dir/scen.toml", "--out", workdir / "f.nc"), "scen.toml")
+
+
+def test_malformed_toml(bad_files, workdir):
+    assert_user_error(run("simulate", bad_files["toml"], "--n", 10, "--out", workdir / "a.csv"),
+                      "broken.toml", "TOML")
+
+
+def test_csv_with_nan(bad_files, workdir):
+    assert_user_error(run("mle", "--data", bad_files["nan"], "--out", workdir / "e.json"),
+                      "nan.csv", "column y", "row 2")
+
+
+def test_csv_missing_columns(bad_files, workdir):
+    assert_user_error(run("fit", "--data", bad_files["cols"], "--out", workdir / "f.nc"),
+                      "cols.csv", "missing column", "x1")
+
+
+def test_csv_not_a_number_and_empty(bad_files, workdir):
+    assert_user_error(run("test", "--data", bad_files["text"]), "text.csv", "column y", "not a number")
+    assert_user_error(run("mle", "--data", bad_files["empty"], "--out", workdir / "e.json"), "empty.csv", "empty")
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "2.5", ""])
+def test_n_not_a_positive_integer(value, workdir):
+    assert_user_error(run("simulate", "--n", value, "--out", workdir / "a.csv"), "--n", "positive integer")
+
+
+def test_study_bad_lists(workdir):
+    assert_user_error(run("study", "--n", "100,abc", "--out", workdir / "s"), "--n", "positive integers")
+    assert_user_error(run("study", "--n", "100", "--estimators", "posterior,mcmc", "--out", workdir / "s"),
+                      "--estimators", "mcmc")
+
+
+def test_bad_output_suffix_and_missing_option(workdir):
+    assert_user_error(run("simulate", "--n", 10, "--out", workdir / "a.json"), "--out", ".csv")
+    assert_user_error(run("simulate", "--n", 10), "--out")
+
+
+def test_one_line_error_in_process(workdir, capsys):
+    code = cli.main(["simulate", "--n", "10", "--out", str(workdir / "x.csv"), "no_such"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert re.fullmatch(r"bayes-dgme simulate: error: .*unknown scenario.*", err)
+
+
+def test_read_data_csv_extra_columns_and_d(tmp_path):
+    path = tmp_path / "d2.csv"
+    path.write_text("y,x2,x1,source\n1.0,0.5,0.1,-1\n2.0,0.25,0.2,0\n")
+    X, Y = cli.read_data_csv(path, d=2)
+    np.testing.assert_array_equal(X, [[0.1, 0.5], [0.2, 0.25]])
+    np.testing.assert_array_equal(Y, [1.0, 2.0])
+    with pytest.raises(ValueError, match="x3"):
+        cli.read_data_csv(path, d=3)
