@@ -1,0 +1,78 @@
+"""Benchmark: the Voronoi loss of a whole posterior (4,000 draws, k = 3, d = 1) in one vectorised call,
+against a per-draw Python loop over the same draws, in the same run.
+
+Run:  .venv/bin/python benchmarks/bench_losses.py [--draws 4000] [--repeat 7]
+
+Targets (issue 3): at least 100x faster than the loop and under 20 ms. The loop calls the same public
+function once per draw on per-draw `Params` built *before* the clock starts, so it measures loss calls
+only. Timings are the best of ``--repeat`` runs (the loop: best of 3) with `time.perf_counter`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+import bayes_dgme as bd
+
+
+def posterior_like(truth: bd.Truth, n: int, k: int, seed: int = 0) -> bd.Params:
+    """Over-fitted draws scattered around the truth (k fitted atoms, the last one a near-duplicate)."""
+    rng = np.random.default_rng(seed)
+    idx = np.arange(k) % truth.k
+    scale = 0.1
+    w = rng.dirichlet(np.full(k, 5.0), n)
+    return bd.Params(
+        lam=np.clip(truth.lam + 0.03 * rng.standard_normal(n), 0.0, 1.0),
+        weights=w,
+        slopes=truth.slopes[idx] + scale * rng.standard_normal((n, k, truth.d)),
+        intercepts=truth.intercepts[idx] + scale * rng.standard_normal((n, k)),
+        variances=truth.variances[idx] * np.exp(scale * rng.standard_normal((n, k))),
+    )
+
+
+def best_time(fn, repeat: int) -> float:
+    best = np.inf
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(label: str, truth: bd.Truth, draws: int, repeat: int) -> bool:
+    est = posterior_like(truth, draws, k=3)
+    members = [est[i] for i in range(draws)]  # built outside the clock
+    bd.voronoi_loss(est[:10], truth)  # warm-up (imports, caches)
+    vec = bd.voronoi_loss(est, truth)
+    loop = np.array([bd.voronoi_loss(m, truth) for m in members])
+    assert np.allclose(vec, loop, rtol=1e-12, atol=0), "vectorised and loop results differ"
+    t_vec = best_time(lambda: bd.voronoi_loss(est, truth), repeat)
+    t_loop = best_time(lambda: [bd.voronoi_loss(m, truth) for m in members], 3)
+    ratio = t_loop / t_vec
+    ok = ratio >= 100 and t_vec < 0.020
+    print(f"{label}")
+    print(f"  vectorised, {draws} draws : {t_vec * 1e3:8.2f} ms   (target < 20 ms)")
+    print(f"  per-draw Python loop     : {t_loop * 1e3:8.2f} ms   ({t_loop / draws * 1e6:.1f} µs per draw)")
+    print(f"  speed-up                 : {ratio:8.1f} x   (target >= 100x)   {'OK' if ok else 'MISSED'}")
+    return ok
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draws", type=int, default=4000)
+    parser.add_argument("--repeat", type=int, default=7)
+    args = parser.parse_args()
+    base = dict(lam=0.6, weights=[0.4, 0.6], slopes=[[-2.0], [1.5]], intercepts=[1.0, -1.0], variances=[0.3, 0.5])
+    d2 = bd.Truth(**base, known=bd.known.GaussianExpert(slope=[0.5], intercept=0.0, variance=1.0))
+    d1 = bd.Truth(**base, known=bd.known.StudentTExpert(slope=[0.0], intercept=0.0, scale=1.0, df=3.0))
+    print(f"Voronoi loss, k = 3 fitted experts, k* = 2, d = 1, {args.draws} draws (numpy {np.__version__})\n")
+    ok = [run("D2 (Gaussian-expert g0, g0's own cell)", d2, args.draws, args.repeat),
+          run("D1 (Student-t g0)", d1, args.draws, args.repeat)]
+    print("\nall targets met" if all(ok) else "\nsome targets missed (timings are noisy on a shared machine)")
+
+
+if __name__ == "__main__":
+    main()
