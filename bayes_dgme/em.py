@@ -19,6 +19,7 @@ original units.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from .params import GATINGS, Params
 from .results import FitResult
 from .simulate import as_rng
 
-__all__ = ["fit_em", "ConvergenceWarning", "SEEDINGS", "n_free_parameters"]
+__all__ = ["fit_em", "ConvergenceWarning", "SEEDINGS", "n_free_parameters", "canonical_params", "check_fit_inputs"]
 
 #: How starting points are drawn, cycled over restarts (see `fit_em`).
 SEEDINGS = ("lines", "kmeans", "random")
@@ -332,11 +333,12 @@ class _Problem:
         # lines: each line through q points, later points drawn ∝ squared residual to the nearest line
         lines = []
         d2 = np.ones(len(sub))
-        for _ in range(k):
+        for i in range(k):
             idx = np.unique([_draw(rng, d2) for _ in range(q)])
             coef = np.linalg.lstsq(Zs[idx], ys[idx], rcond=None)[0]
             lines.append(coef)
-            d2 = np.minimum(d2 if len(lines) > 1 else np.inf, (ys - Zs @ coef) ** 2)
+            r2 = (ys - Zs @ coef) ** 2
+            d2 = r2 if i == 0 else np.minimum(d2, r2)
         L = np.array(lines)  # (k, q)
         res = self.y - L @ self.Zt
         return np.abs(res).argmin(axis=0)
@@ -360,21 +362,59 @@ class _Problem:
         return s
 
     def to_params(self, s: _State) -> Params:
-        """Parameters in original units, experts sorted by intercept."""
+        """Parameters in original units, in `canonical_params` form."""
         a = s.B[:, :-1] * self.sy / self.sx
         b = self.my + self.sy * (s.B[:, -1] - (s.B[:, :-1] / self.sx) @ self.mx)
         v = s.v * self.sy**2
-        order = np.argsort(b, kind="stable")
-        fields = {"lam": s.lam, "slopes": a[order], "intercepts": b[order], "variances": v[order]}
+        fields = {"lam": s.lam, "slopes": a, "intercepts": b, "variances": v}
         if s.w is not None:
-            w = s.w[order]
-            fields["weights"] = w / w.sum()
+            fields["weights"] = s.w / s.w.sum()
         else:
             g1 = s.G[:, :-1] / self.sx
-            g0 = s.G[:, -1] - g1 @ self.mx
-            g1, g0 = g1[order], g0[order]
-            fields.update(weights=None, gate_slopes=g1 - g1[-1], gate_intercepts=g0 - g0[-1])
-        return Params(**fields)
+            fields.update(weights=None, gate_slopes=g1, gate_intercepts=s.G[:, -1] - g1 @ self.mx)
+        return canonical_params(Params(**fields))
+
+
+def canonical_params(params: Params) -> Params:
+    """The same estimate with experts sorted by intercept and softmax gates in the last-expert gauge.
+
+    Relabelling experts and translating every gate ``(β0_i, β1_i)`` by a common vector do not change
+    the model; this picks one representative, so that fits from different estimators or restarts
+    line up expert by expert. Works on unbatched `Params` only.
+    """
+    if params.batch_shape:
+        raise ValueError(f"params: expected an unbatched Params, got batch shape {params.batch_shape}")
+    order = np.argsort(params.intercepts, kind="stable")
+    fields = {"lam": params.lam, "slopes": params.slopes[order], "intercepts": params.intercepts[order],
+              "variances": params.variances[order]}
+    if params.weights is not None:
+        w = params.weights[order]
+        fields["weights"] = w / w.sum()
+    else:
+        g1, g0 = params.gate_slopes[order], params.gate_intercepts[order]
+        fields.update(weights=None, gate_slopes=g1 - g1[-1], gate_intercepts=g0 - g0[-1])
+    return Params(**fields)
+
+
+def _generated_start(prob: _Problem, j: int, rng: np.random.Generator) -> tuple[_State, str]:
+    """The ``j``-th generated starting state (seedings cycle over `SEEDINGS`) and its seeding."""
+    kind = SEEDINGS[j % len(SEEDINGS)]
+    lam0 = 0.5 if j < len(SEEDINGS) else float(rng.uniform(0.3, 0.8))
+    if kind == "random":
+        soft = rng.dirichlet(np.ones(prob.k), size=prob.n).T
+        return prob.start_from_labels(None, lam0, rng, soft=soft), kind
+    return prob.start_from_labels(prob.seed_labels(kind, rng), lam0, rng), kind
+
+
+def starting_points(X, Y, log_g0, k: int, gating: str, count: int, seed=None,
+                    variance_floor: float = 1e-3) -> list[Params]:
+    """``count`` spread starting points, as EM draws them (one M-step from a seeding), in original units.
+
+    Used by `bayes_dgme.fit_map` for its multi-start; inputs are assumed checked (`check_fit_inputs`).
+    """
+    rng = as_rng(seed)
+    prob = _Problem(X, Y, log_g0, k, gating, variance_floor, 1)
+    return [prob.to_params(_generated_start(prob, j, rng)[0]) for j in range(count)]
 
 
 def _draw(rng: np.random.Generator, weights: np.ndarray) -> int:
@@ -484,7 +524,7 @@ def _init_list(init, k: int, d: int, gating: str) -> list[Params]:
 def fit_em(X, Y, known: KnownFunction | None, k: int, gating: str = "constant", seed=None,
            restarts: int = 5, max_iter: int = 2000, tol: float = 1e-8, variance_floor: float = 1e-3,
            init: Params | Sequence[Params] | None = None, gate_steps: int = 1, log_g0=None,
-           warn: bool = True) -> FitResult:
+           warn: bool = True, blas_threads: int | None = 1) -> FitResult:
     """Maximum likelihood estimate of a DGME by EM, best of several restarts.
 
     Parameters
@@ -525,6 +565,10 @@ def fit_em(X, Y, known: KnownFunction | None, k: int, gating: str = "constant", 
     warn : bool, default True
         Warn (`ConvergenceWarning`) when the best restart did not converge or an expert sits on the
         variance floor.
+    blas_threads : int or None, default 1
+        BLAS threads during the fit (through ``threadpoolctl``). The matrix products of an EM
+        iteration are skinny (``k + 1`` by ``n``), so extra threads gain little and, on a shared
+        machine, cost a lot; ``None`` leaves the BLAS setting alone.
 
     Returns
     -------
@@ -560,7 +604,26 @@ def fit_em(X, Y, known: KnownFunction | None, k: int, gating: str = "constant", 
     starts = _init_list(init, k, X.shape[1], gating)
     if restarts + len(starts) < 1:
         raise ValueError("restarts: 0 restarts and no init: nothing to start from")
+    if blas_threads is not None:
+        blas_threads = _check_int("blas_threads", blas_threads, 1)
     rng = as_rng(seed)
+    with _blas_limit(blas_threads):
+        return _fit_em(X, Y, log_g0, k, gating, rng, starts, restarts, max_iter, tol, variance_floor,
+                       gate_steps, warn, t0)
+
+
+def _blas_limit(threads: int | None):
+    if threads is None:
+        return contextlib.nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with PyMC
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def _fit_em(X, Y, log_g0, k, gating, rng, starts, restarts, max_iter, tol, variance_floor, gate_steps,
+            warn, t0) -> FitResult:
     prob = _Problem(X, Y, log_g0, k, gating, variance_floor, gate_steps)
     shift = -prob.n * np.log(prob.sy)  # log-likelihood of the original response vs the standardised one
 
@@ -571,14 +634,7 @@ def fit_em(X, Y, known: KnownFunction | None, k: int, gating: str = "constant", 
         if r < len(starts):
             s0, kind = prob.state_from_params(starts[r]), "init"
         else:
-            j = r - len(starts)
-            kind = SEEDINGS[j % len(SEEDINGS)]
-            lam0 = 0.5 if j < len(SEEDINGS) else float(rng.uniform(0.3, 0.8))
-            if kind == "random":
-                soft = rng.dirichlet(np.ones(k), size=prob.n).T
-                s0 = prob.start_from_labels(None, lam0, rng, soft=soft)
-            else:
-                s0 = prob.start_from_labels(prob.seed_labels(kind, rng), lam0, rng)
+            s0, kind = _generated_start(prob, r - len(starts), rng)
         s, trace, ok = prob.run(s0, max_iter, tol)
         final = trace[-1] + shift
         finals.append(final)
@@ -596,13 +652,13 @@ def fit_em(X, Y, known: KnownFunction | None, k: int, gating: str = "constant", 
         if not ok:
             warnings.warn(
                 f"max_iter: EM did not converge in {max_iter} iterations (tol={tol:g}); the best of "
-                f"{len(finals)} start(s) is returned", ConvergenceWarning, stacklevel=2)
+                f"{len(finals)} start(s) is returned", ConvergenceWarning, stacklevel=3)
         at_floor = np.flatnonzero(s.v <= prob.floor * (1 + 1e-9))
         if at_floor.size:
             warnings.warn(
                 f"variance_floor: expert variance(s) at the floor {variance_floor:g}·var(Y) "
                 f"(collapse onto few points?); {at_floor.size} expert(s) affected", ConvergenceWarning,
-                stacklevel=2)
+                stacklevel=3)
     info = {
         "best_restart": r_best,
         "restart_iterations": iters,
