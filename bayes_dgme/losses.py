@@ -180,40 +180,52 @@ class _Detail:
 
 
 def _constant(est: Params, truth: Truth, spec: RbarSpec, has_g0: bool, atom0: np.ndarray | None) -> _Detail:
-    d = est.d
-    X = est.atoms  # batch + (k, p)
+    # Written for speed on a flattened batch (B draws): loops only over the few atom components and
+    # reference atoms, counts and cell masses by bincount (numpy reductions over tiny axes are slow).
+    d, k = est.d, est.k
+    batch = est.batch_shape
+    X = est.atoms.reshape(-1, k, d + 2)  # (B, k, p)
+    B = X.shape[0]
     R = truth.atoms  # (k*, p)
     w_true = truth.lam * truth.weights
     if has_g0:
         R = np.concatenate([atom0[None, :], R], axis=0)
     J = R.shape[0]
-    diff_all = X[..., :, None, :] - R  # batch + (k, J, p)
-    cell = np.argmin(np.sum(diff_all * diff_all, axis=-1), axis=-1)  # first minimum: lowest reference index
-    onehot = cell[..., None] == np.arange(J)  # batch + (k, J)
-    sizes = onehot.sum(axis=-2)
-    omega = est.lam[..., None] * est.weights  # batch + (k,)
-    masses = np.sum(np.where(onehot, omega[..., None], 0.0), axis=-2)  # batch + (J,)
+    dist2 = np.zeros((B, k, J))
+    for c in range(d + 2):
+        delta = X[:, :, None, c] - R[:, c]
+        dist2 += delta * delta
+    cell = np.argmin(dist2, axis=-1)  # (B, k); first minimum: ties go to the lowest reference index
+    flat = (cell + J * np.arange(B)[:, None]).ravel()
+    sizes = np.bincount(flat, minlength=B * J).reshape(B, J)
+    omega = (est.lam.reshape(-1, 1) * est.weights.reshape(-1, k))  # (B, k)
+    masses = np.bincount(flat, weights=omega.ravel(), minlength=B * J).reshape(B, J)
 
-    diff = X - R[cell]  # batch + (k, p)
-    da = _norm(diff[..., :d])
+    diff = X - R[cell]  # (B, k, p)
+    da = np.abs(diff[..., 0]) if d == 1 else _norm(diff[..., :d])
     db = np.abs(diff[..., d])
     dv = np.abs(diff[..., d + 1])
-    m_eff = np.take_along_axis(sizes, cell, axis=-1)
+    m_eff = sizes.ravel()[flat].reshape(B, k)
     if has_g0:
         m_eff = m_eff + (cell == 0)  # g0 is one more component of its own cell
-    r = _exponents(spec, est.k + 1)[m_eff]
+    r = _exponents(spec, k + 1)[m_eff]
     multi = da**r + db**r + dv ** (r / 2)
     per_atom = np.where(m_eff == 1, da + db + dv, multi)
     loss = np.sum(omega * per_atom, axis=-1)
 
     if has_g0:
         fitted = masses.copy()
-        fitted[..., 0] = (1.0 - est.lam) + masses[..., 0]
+        fitted[:, 0] = (1.0 - est.lam.reshape(-1)) + masses[:, 0]
         target = np.concatenate([[1.0 - truth.lam], w_true])
     else:
         fitted, target = masses, w_true
     loss = loss + np.sum(np.abs(fitted - target), axis=-1)
-    return _Detail(loss, cell, sizes, masses, omega, da, db, dv, None, target, fitted, has_g0)
+
+    def b(x: np.ndarray) -> np.ndarray:
+        return x.reshape(batch + x.shape[1:])
+
+    return _Detail(b(loss), b(cell), b(sizes), b(masses), b(omega), b(da), b(db), b(dv), None, target, b(fitted),
+                   has_g0)
 
 
 # ----------------------------------------------------------------------------------------------- softmax gating
