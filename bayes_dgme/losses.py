@@ -497,6 +497,10 @@ def voronoi_loss(est: Params, truth: Truth, rbar: RbarSpec = None) -> np.ndarray
     random ``d = 2`` cases. The starts and steps are built from differences only, so the result is invariant to
     translating the estimate's gating parameters (up to rounding). The
     truth's gauge is used as given (scaling every ``ω*`` by ``e^c`` scales the loss by ``e^c``).
+
+    As DESIGN.md 4.3 defines it, the softmax loss sees ``λ`` only through ``λ e^{c0}``, so the minimum
+    over ``c0`` absorbs any error in ``λ`` (with ``λ* = 0`` every estimate has loss 0). Report ``|λ − λ*|``
+    next to it when the deviation proportion matters.
     """
     return _as_result(_detail(est, truth, rbar).loss)
 

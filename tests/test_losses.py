@@ -550,3 +550,15 @@ def test_softmax_batch_equals_loop_and_cells(rng):
         c0, c1 = cells.translation[0][b], cells.translation[1][b]
         if np.isfinite(c0):
             assert ref_softmax_loss_at(est[b], truth, c0, c1) == pytest.approx(out[b], rel=1e-9, abs=1e-12)
+
+
+def test_softmax_loss_absorbs_lambda_as_defined():
+    """Documented property of DESIGN.md 4.3: ω_i = λ e^(β0_i + c0), so λ is absorbed by c0.
+    Truth λ* = 0.5; an estimate with the same experts and gates but λ = 1: masses 2 e^(β0*) = e^(β0* + ln 2),
+    so c0 = −ln 2 makes every term vanish and the loss is 0."""
+    truth = soft_truth(lam=0.5, gate_intercepts=[0.0, 0.4], gate_slopes=[[1.0], [-1.0]], slopes=[[1.0], [-1.0]],
+                       intercepts=[0.0, 0.0], variances=[1.0, 1.0])
+    est = bd.Params(lam=1.0, weights=None, gate_intercepts=[0.0, 0.4], gate_slopes=[[1.0], [-1.0]],
+                    slopes=[[1.0], [-1.0]], intercepts=[0.0, 0.0], variances=[1.0, 1.0])
+    assert bd.voronoi_loss(est, truth) == pytest.approx(0.0, abs=1e-14)
+    assert float(bd.voronoi_cells(est, truth).translation[0]) == pytest.approx(-math.log(2.0), abs=1e-12)
