@@ -544,7 +544,7 @@ class VoronoiCells:
         return f"VoronoiCells(batch_shape={self.cell.shape[:-1]}, references={self.references})"
 
 
-def voronoi_cells(est: Params, truth: Truth) -> VoronoiCells:
+def voronoi_cells(est: Params, truth: Truth, rbar: RbarSpec = None) -> VoronoiCells:
     """Voronoi cell of each fitted atom, and cell sizes and masses, vectorised over the batch.
 
     Parameters
@@ -553,6 +553,9 @@ def voronoi_cells(est: Params, truth: Truth) -> VoronoiCells:
         Estimate with any leading batch dimensions.
     truth : Truth
         Truth; with a Gaussian-expert g0 its atom ``θ0`` is reference 0 (cell ``A_0``).
+    rbar : mapping or callable, optional
+        r̄ override; matters only for softmax gating, where the cells are taken at the translation that
+        minimises the loss with this table.
 
     Returns
     -------
@@ -565,7 +568,7 @@ def voronoi_cells(est: Params, truth: Truth) -> VoronoiCells:
     A fitted atom joins the nearest reference atom in Euclidean distance on ``(a, b, v)`` (softmax:
     ``(β1, a, b, v)``); ties go to the lowest reference index.
     """
-    det = _detail(est, truth, None)
+    det = _detail(est, truth, rbar)
     return VoronoiCells(det.cell, det.sizes, det.masses, _references(truth, det.has_g0), det.translation)
 
 
@@ -609,7 +612,7 @@ class CellErrors:
         return f"CellErrors(batch_shape={self.mass.shape[:-1]}, references={self.references})"
 
 
-def cell_errors(est: Params, truth: Truth) -> CellErrors:
+def cell_errors(est: Params, truth: Truth, rbar: RbarSpec = None) -> CellErrors:
     """Per true atom (and g0's cell in D2): the largest parameter errors over its cell, and its mass error.
 
     Parameters
@@ -617,6 +620,8 @@ def cell_errors(est: Params, truth: Truth) -> CellErrors:
     est : Params
         Estimate with any leading batch dimensions.
     truth : Truth
+    rbar : mapping or callable, optional
+        r̄ override (softmax gating only: fixes the minimising translation, as in `voronoi_cells`).
 
     Returns
     -------
@@ -629,7 +634,7 @@ def cell_errors(est: Params, truth: Truth) -> CellErrors:
     The theory (DESIGN.md 4.5) predicts rates per cell: singleton cells ``n^(-1/2)``; cells of ``m ≥ 2``
     atoms ``n^(-1/(2 r̄(m)))`` for slopes and intercepts and ``n^(-1/r̄(m))`` for variances.
     """
-    det = _detail(est, truth, None)
+    det = _detail(est, truth, rbar)
     J = det.sizes.shape[-1]
     onehot = det.cell[..., None] == np.arange(J)  # batch + (k, J)
     empty = det.sizes == 0
