@@ -37,7 +37,11 @@ from .simulate import as_rng
 __all__ = ["fit_em", "ConvergenceWarning", "SEEDINGS", "n_free_parameters", "canonical_params", "check_fit_inputs"]
 
 #: How starting points are drawn, cycled over restarts (see `fit_em`).
-SEEDINGS = ("lines", "kmeans", "random")
+SEEDINGS = ("kmeans", "random", "lines")
+
+#: Growth factor and cap of the over-relaxation step ``η`` of accelerated EM (see `fit_em`).
+ETA_GROWTH = 1.5
+ETA_MAX = 50.0
 
 
 class ConvergenceWarning(UserWarning):
@@ -279,19 +283,67 @@ class _Problem:
         return G, logpi, lse
 
     # ------------------------------------------------------------------ one restart
-    def run(self, s: _State, max_iter: int, tol: float) -> tuple[_State, list[float], bool]:
-        trace: list[float] = []
+    def run(self, s: _State, max_iter: int, tol: float, accelerate: bool = True
+            ) -> tuple[_State, list[float], bool, int]:
+        """EM from ``s``; returns the final state, the log-likelihood trace, convergence, rejected steps.
+
+        With ``accelerate``, each iteration tries the over-relaxed step ``θ + η (M(θ) - θ)`` (in
+        unconstrained coordinates, `_extrapolate`) and keeps it only if the log-likelihood did not
+        decrease; otherwise it falls back to the plain EM point ``M(θ)`` (which never decreases it)
+        and resets ``η = 1``. ``η`` grows after every accepted step (adaptive over-relaxed EM,
+        Salakhutdinov & Roweis 2003). One E-step per iteration, two after a rejection.
+        """
+        trace: list[float] = [self.e_step(s)]
         converged = False
-        for it in range(max_iter + 1):
-            ll = self.e_step(s)
+        eta, rejected = 1.0, 0
+        for _it in range(max_iter):
+            if not np.isfinite(trace[-1]):
+                break
+            em = self.m_step(s)
+            if accelerate and eta > 1.0:
+                trial = self._extrapolate(s, em, eta)
+                ll = self.e_step(trial)
+                if ll >= trace[-1]:
+                    s = trial
+                    eta = min(eta * ETA_GROWTH, ETA_MAX)
+                else:
+                    rejected += 1
+                    eta = 1.0
+                    s = em
+                    ll = self.e_step(s)
+            else:
+                s = em
+                ll = self.e_step(s)
+                eta = ETA_GROWTH if accelerate else 1.0
             trace.append(ll)
-            if it > 0 and abs(ll - trace[-2]) <= tol * abs(ll):
+            if abs(ll - trace[-2]) <= tol * abs(ll):
                 converged = True
                 break
-            if it == max_iter or not np.isfinite(ll):
-                break
-            s = self.m_step(s)
-        return s, trace, converged
+        return s, trace, converged, rejected
+
+    def _extrapolate(self, s: _State, em: _State, eta: float) -> _State:
+        """``s + eta (em - s)`` in unconstrained coordinates (logit λ, log weights, log variances)."""
+        def lin(a, b):
+            return a + eta * (b - a)
+
+        def logit(p):
+            return np.log(p) - np.log1p(-p)
+
+        lam = float(np.clip(s.lam, 1e-300, 1 - 1e-16)), float(np.clip(em.lam, 1e-300, 1 - 1e-16))
+        z = lin(logit(lam[0]), logit(lam[1]))
+        out = _State(lam=float(1.0 / (1.0 + np.exp(-z))), w=None, G=None, B=lin(s.B, em.B),
+                     v=np.maximum(np.exp(lin(np.log(s.v), np.log(em.v))), self.floor))
+        if not 0.0 < out.lam < 1.0:
+            out.lam = em.lam
+        if s.w is not None:
+            with np.errstate(divide="ignore"):
+                lw = lin(np.log(s.w), np.log(em.w))
+            lw = np.where(np.isfinite(lw), lw, -np.inf)
+            w = np.exp(lw - lw.max())
+            out.w = w / w.sum()
+        if s.G is not None:
+            out.G = lin(s.G, em.G)
+        return out
 
     # ------------------------------------------------------------------ starting points
     def start_from_labels(self, labels: np.ndarray | None, lam0: float, rng: np.random.Generator,
@@ -524,7 +576,7 @@ def _init_list(init, k: int, d: int, gating: str) -> list[Params]:
 def fit_em(X, Y, known: KnownFunction | None, k: int, gating: str = "constant", seed=None,
            restarts: int = 5, max_iter: int = 2000, tol: float = 1e-8, variance_floor: float = 1e-3,
            init: Params | Sequence[Params] | None = None, gate_steps: int = 1, log_g0=None,
-           warn: bool = True, blas_threads: int | None = 1) -> FitResult:
+           warn: bool = True, blas_threads: int | None = 1, accelerate: bool = True) -> FitResult:
     """Maximum likelihood estimate of a DGME by EM, best of several restarts.
 
     Parameters
@@ -565,6 +617,12 @@ def fit_em(X, Y, known: KnownFunction | None, k: int, gating: str = "constant", 
     warn : bool, default True
         Warn (`ConvergenceWarning`) when the best restart did not converge or an expert sits on the
         variance floor.
+    accelerate : bool, default True
+        Adaptive over-relaxation (Salakhutdinov & Roweis, 2003): try ``θ + η (M(θ) - θ)`` in
+        unconstrained coordinates with ``η`` growing by 1.5 after each success (up to 50), keep it
+        only if the log-likelihood does not decrease, else take the plain EM step and reset
+        ``η = 1``. The log-likelihood still never decreases; typically 2-3x fewer iterations.
+        ``False`` gives plain EM.
     blas_threads : int or None, default 1
         BLAS threads during the fit (through ``threadpoolctl``). The matrix products of an EM
         iteration are skinny (``k + 1`` by ``n``), so extra threads gain little and, on a shared
@@ -609,7 +667,7 @@ def fit_em(X, Y, known: KnownFunction | None, k: int, gating: str = "constant", 
     rng = as_rng(seed)
     with _blas_limit(blas_threads):
         return _fit_em(X, Y, log_g0, k, gating, rng, starts, restarts, max_iter, tol, variance_floor,
-                       gate_steps, warn, t0)
+                       gate_steps, warn, t0, bool(accelerate))
 
 
 def _blas_limit(threads: int | None):
@@ -623,25 +681,26 @@ def _blas_limit(threads: int | None):
 
 
 def _fit_em(X, Y, log_g0, k, gating, rng, starts, restarts, max_iter, tol, variance_floor, gate_steps,
-            warn, t0) -> FitResult:
+            warn, t0, accelerate) -> FitResult:
     prob = _Problem(X, Y, log_g0, k, gating, variance_floor, gate_steps)
     shift = -prob.n * np.log(prob.sy)  # log-likelihood of the original response vs the standardised one
 
     best = None
-    finals, iters, secs, conv, kinds = [], [], [], [], []
+    finals, iters, secs, conv, kinds, rejects = [], [], [], [], [], []
     for r in range(len(starts) + restarts):
         t_r = time.perf_counter()
         if r < len(starts):
             s0, kind = prob.state_from_params(starts[r]), "init"
         else:
             s0, kind = _generated_start(prob, r - len(starts), rng)
-        s, trace, ok = prob.run(s0, max_iter, tol)
+        s, trace, ok, rejected = prob.run(s0, max_iter, tol, accelerate)
         final = trace[-1] + shift
         finals.append(final)
         iters.append(len(trace) - 1)
         secs.append(time.perf_counter() - t_r)
         conv.append(ok)
         kinds.append(kind)
+        rejects.append(rejected)
         if best is None or (np.isfinite(final) and not final <= best[0]):
             best = (final, r, s, trace, ok)
 
@@ -665,6 +724,8 @@ def _fit_em(X, Y, log_g0, k, gating, rng, starts, restarts, max_iter, tol, varia
         "restart_seconds": secs,
         "restart_converged": conv,
         "restart_seeding": kinds,
+        "restart_rejected_steps": rejects,
+        "accelerate": accelerate,
         "tol": tol,
         "max_iter": max_iter,
         "variance_floor": variance_floor,

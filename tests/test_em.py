@@ -34,20 +34,22 @@ def test_constant_gating_loglik_never_decreases(name, k):
     sc = bd.load_scenario(name)
     X, Y = sc.simulate(1500, seed=3)
     for seed in range(3):  # one start per fit, so every start's trace is checked
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            fit = bd.fit_em(X, Y, sc.truth.known, k, seed=seed, restarts=1, max_iter=400)
-        assert fit.trace.size == fit.n_iter + 1
-        _monotone(fit.trace)
+        for accelerate in (False, True):  # plain EM, and over-relaxed EM with its safeguard
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                fit = bd.fit_em(X, Y, sc.truth.known, k, seed=seed, restarts=1, max_iter=400,
+                                accelerate=accelerate)
+            assert fit.trace.size == fit.n_iter + 1
+            _monotone(fit.trace)
 
 
 @pytest.mark.parametrize("gate_steps", [1, 3])
 def test_softmax_gating_loglik_never_decreases(gate_steps):
     sc = bd.load_scenario("softmax_d1")
     X, Y = sc.simulate(1500, seed=4)
-    for seed in range(2):
+    for seed, accelerate in [(0, False), (1, False), (0, True), (1, True)]:
         fit = bd.fit_em(X, Y, sc.truth.known, 2, gating="softmax", seed=seed, restarts=1,
-                        gate_steps=gate_steps)
+                        gate_steps=gate_steps, accelerate=accelerate)
         assert fit.converged
         _monotone(fit.trace)
 
@@ -121,6 +123,15 @@ def test_result_contract(d1_small):
         fit.loglik = 0.0
     with pytest.raises(ValueError):
         fit.trace[0] = 0.0
+
+
+def test_accelerated_and_plain_em_agree(d1_small):
+    sc, X, Y = d1_small
+    plain = bd.fit_em(X, Y, sc.truth.known, 2, seed=3, restarts=2, accelerate=False, tol=1e-12)
+    fast = bd.fit_em(X, Y, sc.truth.known, 2, seed=3, restarts=2, tol=1e-12)
+    assert fast.loglik == pytest.approx(plain.loglik, abs=1e-6)
+    assert fast.n_iter < plain.n_iter
+    np.testing.assert_allclose(fast.params.intercepts, plain.params.intercepts, atol=1e-4)
 
 
 def test_seed_reproducible_and_init(d1_small):
