@@ -721,13 +721,15 @@ def _scenario_section(fd: FitData) -> str:
     if "seconds" in meta:
         kv.append(("sampling time", f"{float(meta['seconds']):.1f} s"))
     left = _table(["", ""], kv, cls="kv")
-    rows = [("λ (deviation proportion)", _fmt(float(truth.lam)))]
+    rows = []
     for j in range(truth.k):
-        w = _fmt(float(truth.weights[j])) if truth.weights is not None else "softmax"
-        rows.append((f"expert {j}: weight, slope, intercept, variance",
-                     f"{w}, {np.round(truth.slopes[j], 4).tolist()}, {_fmt(float(truth.intercepts[j]))}, "
-                     f"{_fmt(float(truth.variances[j]))}"))
-    right = "<h3>Truth</h3>" + _table(["parameter", "value"], rows, cls="kv")
+        w = float(truth.weights[j]) if truth.weights is not None else float("nan")
+        rows.append((f"expert {j}", _fmt(w) if truth.weights is not None else "softmax",
+                     _fmt(float(truth.lam) * w) if truth.weights is not None else "—",
+                     ", ".join(_fmt(float(a)) for a in truth.slopes[j]), _fmt(float(truth.intercepts[j])),
+                     _fmt(float(truth.variances[j]))))
+    right = (f"<h3>Truth: λ* = {_fmt(float(truth.lam))}</h3>"
+             + _table(["", "weight p", "mass λp", "slope a", "intercept b", "variance v"], rows))
     return _section("scenario", "Scenario", f'<div class="grid"><div>{left}</div><div>{right}</div></div>')
 
 
@@ -783,9 +785,10 @@ def _deviation_section(fd: FitData, threshold: float) -> str:
     if dev:
         body += "<h3>Deviation test (<code>bayes_dgme.deviation_test</code>)</h3>"
         body += _table(["quantity", "value"], _deviation_rows(dev), cls="kv")
+        body += _deviation_verdict(dev)
         body += ("<p class=\"note\">H0: λ = 0 (the data come from g0 alone). Frequentist side: likelihood-ratio "
                  "statistic with a parametric-bootstrap p-value; Bayesian side: the posterior of λ and a Bayes "
-                 "factor valid at the boundary.</p>")
+                 "factor valid at the boundary (Rao-Blackwellised Savage–Dickey ratio).</p>")
     else:
         body += ("<p class=\"note\">The full test of H0: λ = 0 (likelihood ratio with a bootstrap p-value and a "
                  "Bayes factor) was not stored with this fit: run <code>bayes-dgme test SCENARIO --data "
@@ -821,6 +824,37 @@ def _deviation_rows(dev: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def _deviation_verdict(dev: dict[str, Any], alpha: float = 0.05) -> str:
+    """One plain sentence per side of the deviation test."""
+    parts = []
+    try:
+        p = float(dev.get("p_value")) if dev.get("p_value") is not None else float("nan")
+        pmin = float(dev.get("p_value_min")) if dev.get("p_value_min") is not None else float("nan")
+    except (TypeError, ValueError):
+        p = pmin = float("nan")
+    if dev.get("n_boot") and np.isfinite(p):
+        if p <= alpha:
+            parts.append(f"Frequentist: H0 rejected at the {alpha:g} level (p = {p:.3g}).")
+        elif np.isfinite(pmin) and pmin > alpha:
+            parts.append(f"Frequentist: with B = {dev['n_boot']} replicates the smallest attainable p-value is "
+                         f"{pmin:.3g} &gt; {alpha:g}; use more (<code>--boot 99</code> or more) to test at {alpha:g}.")
+        else:
+            parts.append(f"Frequentist: H0 not rejected at the {alpha:g} level (p = {p:.3g}).")
+    lbf = dev.get("log_bayes_factor")
+    try:
+        lbf = float(lbf) if lbf is not None else float("nan")
+    except (TypeError, ValueError):
+        lbf = float("nan")
+    if dev.get("n_draws") and np.isfinite(lbf):
+        # Jeffreys' scale on BF10
+        scale = [(np.log(100), "decisive evidence for a deviation"), (np.log(10), "strong evidence for a deviation"),
+                 (np.log(3), "moderate evidence for a deviation"), (-np.log(3), "inconclusive"),
+                 (-np.log(10), "moderate evidence for λ = 0"), (-np.log(100), "strong evidence for λ = 0")]
+        words = next((w for cut, w in scale if lbf > cut), "decisive evidence for λ = 0")
+        parts.append(f"Bayesian: log BF10 = {lbf:.1f}, {words} (Jeffreys' scale).")
+    return f"<p><b>{' '.join(parts)}</b></p>" if parts else ""
+
+
 def fit_report(source: str | Path | FitData, out: str | Path | None = None, *, em_reference: bool = True,
                threshold: float = 0.05) -> str:
     """Build the HTML report of one posterior fit.
@@ -853,8 +887,8 @@ def fit_report(source: str | Path | FitData, out: str | Path | None = None, *, e
 
     sections.append(_section("data", "Data, true experts and posterior experts", _img(_data_figure(fd), "data") +
                              "<p class=\"note\">Thick lines: true experts (colour = expert, ω = λ p) and g0's location "
-                             "(dashed black). Thin lines: experts of 60 posterior draws; dashed: posterior means, "
-                             "coloured like the true expert they are matched to."
+                             "(dashed black). Thin lines: experts of 60 posterior draws; dashed: the posterior mean of "
+                             "each chain. Fitted experts are coloured like the true expert they are matched to."
                              + (" Points are coloured by the source that generated them." if fd.labels is not None
                                 else "") + "</p>"))
     sections.append(_summary_section(fd, var_names, truths))
