@@ -324,7 +324,7 @@ def cmd_mle(args) -> int:
     else:
         from .map import fit_map
 
-        res = fit_map(X, Y, scenario.truth.known, scenario.k, priors=scenario.priors, **kw)
+        res = fit_map(X, Y, scenario.truth.known, scenario.k, priors=scenario.priors if args.priors else None, **kw)
     loss = float(voronoi_loss(res.params, scenario.truth))
     record = {
         "scenario": scenario.name, "method": args.method, "data": data_info, "k": scenario.k,
@@ -408,10 +408,13 @@ def cmd_test(args) -> int:
     X, Y, _labels, data_info = _get_data(args, scenario)
     _say(f"deviation test on {data_info['source']} data (n = {Y.size}) against g0 of scenario {scenario.name} "
          f"with k = {scenario.k} experts")
-    sample_options = {"progressbar": not args.quiet}
+    settings = _sampler_settings(args, scenario)
+    sample_options = {"progressbar": not args.quiet, "sampler": settings["sampler"],
+                      "target_accept": settings["target_accept"]}
     res = deviation_test(X, Y, scenario.truth.known, scenario.k, gating=scenario.gating, threshold=args.threshold,
                          level=args.level, n_boot=args.boot, seed=args.seed, workers=args.workers,
-                         priors=scenario.priors, draws=args.draws, tune=args.tune, chains=args.chains,
+                         priors=scenario.priors, draws=settings["draws"], tune=settings["tune"],
+                         chains=settings["chains"],
                          bayesian=not args.frequentist_only, sample_options=sample_options)
     _say(str(res))
     if out is not None:
@@ -503,7 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"sample size when simulating (default {n_default})")
         p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the simulation and the fit (default 0)")
 
-    def sampler_args(p):
+    def sampler_args(p, with_sampler=True):
+        if with_sampler:
+            p.add_argument("--sampler", choices=["nutpie", "pymc", "numpyro", "blackjax"],
+                           help="MCMC sampler (default: the scenario's, nutpie)")
         p.add_argument("--draws", type=_positive_int, help="posterior draws per chain (default: the scenario's)")
         p.add_argument("--tune", type=_nonneg_int, help="tuning steps per chain (default: the scenario's)")
         p.add_argument("--chains", type=_positive_int, help="chains (default: the scenario's)")
@@ -528,8 +534,6 @@ def build_parser() -> argparse.ArgumentParser:
     scenario_arg(p)
     data_args(p)
     sampler_args(p)
-    p.add_argument("--sampler", choices=["nutpie", "pymc", "numpyro", "blackjax"],
-                   help="MCMC sampler (default: the scenario's, nutpie)")
     p.add_argument("--out", required=True, metavar="NC", help="output file (.nc)")
     p.add_argument("--report", metavar="HTML", help="also write the HTML report there")
     p.add_argument("--deviation-test", action=argparse.BooleanOptionalAction, default=True,
@@ -550,6 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_args(p)
     p.add_argument("--method", choices=["em", "map"], default="em", help="estimator (default em)")
     p.add_argument("--restarts", type=_positive_int, help="random restarts (default: the estimator's)")
+    p.add_argument("--priors", action="store_true",
+                   help="map only: use the scenario's priors (a true MAP) instead of flat MLE-mode priors")
     p.add_argument("--out", required=True, metavar="JSON", help="output file (.json)")
     p.set_defaults(func=cmd_mle)
 
@@ -567,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", default=None, metavar="local|tcp://HOST:PORT",
                    help="run the cells on a Dask LocalCluster (`local`) or an existing scheduler")
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
-    sampler_args(p)
+    sampler_args(p, with_sampler=False)
     p.add_argument("--keep-posteriors", action="store_true", help="also keep each posterior as netCDF")
     p.add_argument("--report", metavar="HTML", help="also write the study report there")
     quiet(p)
