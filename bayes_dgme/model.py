@@ -27,6 +27,21 @@ gating), ``gate_intercepts`` [expert] and ``gate_slopes`` [expert, covariate] (s
 last expert pinned to 0), ``slopes`` [expert, covariate], ``intercepts`` [expert], ``variances``
 [expert]; observed ``y`` [obs]. Data: ``X`` [obs, covariate], ``Y`` [obs], ``log_g0`` [obs],
 ``slope_scale`` [covariate], ``intercept_loc``, ``intercept_scale``, ``variance_scale``.
+Sampled (free) variables: ``lam``, ``weights``, ``gate_intercepts_free`` [gate_expert] and
+``gate_slopes_free`` [gate_expert, covariate] (the first ``k - 1`` experts), ``slopes_z``,
+``intercepts_z`` and ``sds_z``.
+
+Notes
+-----
+- The ordering constraint (``priors.order == "intercepts"``) is PyMC's ``ordered`` value transform
+  on ``intercepts_z``: it restricts the posterior to increasing intercepts, but *prior* draws
+  (``pm.sample_prior_predictive``) ignore transforms and are not sorted. The prior predictive of
+  ``y`` is the same either way, since the mixture is exchangeable in its labels.
+- The initial point spreads the standardised intercepts over ``linspace(-1, 1, k)`` (a
+  ``support_point``, not an ``initval``, so that PyMC's model transformations such as
+  ``compute_log_likelihood``, ``do`` and ``observe`` still apply).
+- The sampler of ``y`` draws ``g0`` at every row (``known.sample``) and an expert at every row, then
+  keeps one of the two by a ``Bernoulli(λ)`` coin.
 """
 
 from __future__ import annotations
