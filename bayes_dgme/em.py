@@ -378,10 +378,13 @@ class _Problem:
             for _ in range(1, k):
                 centers.append(pts[_draw(rng, d2)])
                 d2 = np.minimum(d2, ((pts - centers[-1]) ** 2).sum(axis=1))
-            C = np.array(centers)
-            full = np.vstack([self.Zt[:-1], self.y[None, :]]).T  # (n, d + 1)
-            dist = ((full[:, None, :] - C[None, :, :]) ** 2).sum(axis=2)
-            return dist.argmin(axis=1)
+            C = np.array(centers)  # (k, d + 1)
+            dist = np.zeros((k, n))
+            for p, row in enumerate([*self.Zt[:-1], self.y]):
+                diff = row - C[:, p, None]
+                diff *= diff
+                dist += diff
+            return dist.argmin(axis=0)
         # lines: each line through q points, later points drawn ∝ squared residual to the nearest line
         lines = []
         d2 = np.ones(len(sub))
@@ -706,7 +709,9 @@ def _fit_em(X, Y, log_g0, k, gating, rng, starts, restarts, max_iter, tol, varia
 
     _, r_best, s, trace, ok = best
     params = prob.to_params(s)
-    ll = float(_loglik(params, X, Y, log_g0=log_g0))
+    ll = float(trace[-1] + shift)  # the E-step's log-likelihood at the returned parameters
+    if not np.isfinite(ll):  # pragma: no cover - defensive
+        ll = float(_loglik(params, X, Y, log_g0=log_g0))
     if warn:
         if not ok:
             warnings.warn(
