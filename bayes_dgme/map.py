@@ -158,6 +158,7 @@ def fit_map(X, Y, known: KnownFunction, k: int, gating: str = "constant", seed=N
     from pymc.model.transform.optimization import freeze_model
 
     from .model import build_model
+    from .posterior import params_from_posterior
 
     model = build_model(X, Y, known, k, gating=gating, priors=priors)
     initvals = [initvals_from_params(model, p) for p in starts]  # scales read before freezing
@@ -168,8 +169,6 @@ def fit_map(X, Y, known: KnownFunction, k: int, gating: str = "constant", seed=N
     for j, (p0, iv) in enumerate(zip(starts, initvals)):
         t_r = time.perf_counter()
         tree, msg = _run_find_map(frozen, iv, int(rng.integers(2**31)), method, optimizer_kwargs)
-        from .posterior import params_from_posterior
-
         params = canonical_params(params_from_posterior(tree)[(0,) * 2])
         ll = float(_loglik(params, X, Y, log_g0=log_g0))
         res = tree["optimizer_result"]
