@@ -11,10 +11,16 @@ With ``k + 1`` latent sources (``g0`` and the experts), EM alternates
   multinomial logistic regression), halved until it does not decrease.
 
 Every update maximises (or at least does not decrease) the EM surrogate, so the log-likelihood never
-decreases (a generalised EM for softmax gating). Computations run on standardised data: ``X`` and
-``Y`` are centred and scaled once, the weighted least-squares problems are solved from sufficient
-statistics gathered by one matrix product per iteration, and the result is mapped back to the
-original units.
+decreases (a generalised EM for softmax gating). By default each iteration first tries an
+over-relaxed step ``θ + η (M(θ) - θ)`` and keeps it only if the log-likelihood did not decrease
+(adaptive over-relaxed EM, Salakhutdinov & Roweis 2003), which keeps the guarantee and takes about
+three times fewer iterations.
+
+Computations run on standardised data: ``X`` and ``Y`` are centred and scaled once. Each expert's
+log density is linear in the features ``(z_p z_r, z_p y, y², log g0)`` with ``z = (x, 1)``, so one
+matrix product gives all log terms, the terms are taken relative to g0's (``k`` exponentials per row,
+the dominant cost), and one more product gathers the sufficient statistics of the weighted
+least-squares M-step. Results are mapped back to the original units.
 """
 
 from __future__ import annotations
