@@ -372,8 +372,9 @@ def _data_figure(fd: FitData) -> str:
                 ax.plot(grid, mean_line, color=color, lw=1.6, ls=(0, (4, 2)),
                         label=f"posterior expert {i}: mean per chain" if ch == 0 else None)
         for j in range(truth.k):
+            mass = f": ω={float(truth.lam * truth.weights[j]):.2f}" if truth.weights is not None else ""
             ax.plot(grid, truth.slopes[j, c] * grid + truth.intercepts[j], color=_EXPERT_COLORS[j % 8], lw=2.6,
-                    label=f"true expert {j}: ω={float(truth.lam * _true_weights(truth)[j]):.2f}")
+                    label=f"true expert {j}{mass}")
         loc = _known_location(truth.known, Xg)
         if loc is not None:
             ax.plot(grid, loc, color=_G0_COLOR, lw=2.2, ls="--", label="g0 location")
@@ -385,12 +386,6 @@ def _data_figure(fd: FitData) -> str:
         _style_axes(ax)
     axes[-1].legend(fontsize=8.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _png(fig)
-
-
-def _true_weights(truth) -> np.ndarray:
-    if truth.weights is not None:
-        return np.asarray(truth.weights)
-    return np.full(truth.k, np.nan)
 
 
 def _arviz_figure(plot: Callable, tree, var_names, figsize, **kwargs) -> str:
