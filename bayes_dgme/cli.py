@@ -378,6 +378,12 @@ def _print_study_summary(df) -> None:
     with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 120):
         _say("mean Voronoi loss (posterior: mean over draws), by n and estimator:")
         _say(table.to_string())
+    post = ok[ok["estimator"] == "posterior"]
+    if not post.empty and "rhat_max" in post.columns:
+        bad = post[(post["rhat_max"].astype(float) > 1.01) | (post.get("divergences", 0) > 0)]
+        if len(bad):
+            _say(f"warning: {len(bad)} of {len(post)} posterior fits have R-hat > 1.01 or divergences "
+                 "(listed under 'Per-cell diagnostics' in the study report); their losses are less trustworthy")
     if ok["n"].nunique() >= 2:
         from .rates import contraction_rates
 
@@ -471,12 +477,14 @@ def cmd_demo(args) -> int:
     _say("")
     _print_study_summary(df)
     _say("")
-    _say(f"demo finished in {time.perf_counter() - t_start:.0f} s. Where to look:")
-    _say(f"  {out / 'fit_report.html'}    one posterior: data and experts, ArviZ summary with the truth, "
-         "sampler checks, trace/rank plots, predictive check, Voronoi loss, deviation test")
-    _say(f"  {out / 'study_report.html'}  the contraction study: loss vs n on log-log axes, rates next to theory")
-    _say(f"  {out / 'study' / 'results.csv'}  one row per (n, replicate, estimator)")
-    _say(f"  {out / 'fit.nc'}  the posterior (ArviZ DataTree, netCDF)")
+    _say(f"demo finished in {time.perf_counter() - t_start:.0f} s. Where to look (open the .html files in a browser):")
+    _say(f"  {out / 'fit_report.html'}")
+    _say("      one posterior: data with true and fitted experts, ArviZ summary with the truth, sampler checks,")
+    _say("      trace and rank plots, predictive check, Voronoi loss, deviation test")
+    _say(f"  {out / 'study_report.html'}")
+    _say("      the contraction study: loss against n on log-log axes, rates next to theory, per-cell diagnostics")
+    _say(f"  {out / 'study' / 'results.csv'}   one row per (n, replicate, estimator), readable with pandas")
+    _say(f"  {out / 'fit.nc'}   the posterior as an ArviZ DataTree (arviz.from_netcdf)")
     return 0
 
 

@@ -620,6 +620,7 @@ tr:hover td { background:#fafcff; }
 .kv thead { display:none; }
 .outside { color:var(--fail); font-weight:600; }
 .scroll { overflow-x:auto; }
+details { margin:10px 0; } summary { cursor:pointer; color:#334e68; }
 code { background:#f0f4f8; padding:1px 5px; border-radius:4px; font-size:13px; }
 footer { color:var(--muted); font-size:12.5px; text-align:center; margin-top:30px; }
 """
@@ -1024,9 +1025,11 @@ def _rates_table(rates) -> str:
                          _esc(f"{int(r['cell_size'])}" + ("" if bool(r.get("cell_size_agree", True)) else " (varies)")),
                          _slope_str(r["slope"]), f"[{_slope_str(r['lo'])}, {_slope_str(r['hi'])}]",
                          _esc(_theory_str(r["theory"])), _agree_badge(r.get("agrees"))])
-        html_ += "<h3>Per-atom parameter-error rates</h3>" + _table(
-            ["estimator", "parameter", "atom", "cell size", "measured slope", "95% interval", "theory",
-             "theory inside"], rows, raw=True)
+        n_agree = int(sum(bool(a) for a in par["agrees"].fillna(False))) if "agrees" in par.columns else 0
+        html_ += (f"<details><summary><b>Per-atom parameter-error rates</b> ({n_agree} of {len(par)} agree with "
+                  "theory; click to expand)</summary>" + _table(
+                      ["estimator", "parameter", "atom", "cell size", "measured slope", "95% interval", "theory",
+                       "theory inside"], rows, raw=True) + "</details>")
     return html_
 
 
@@ -1149,7 +1152,7 @@ def study_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
             rows = []
             for _, r in bad.sort_values(["n", "replicate"]).iterrows():
                 rows.append([int(r["n"]), int(r["replicate"]), _fmt(float(r.get("rhat_max", np.nan))),
-                             _fmt(float(r.get("ess_bulk_min", np.nan)), 5), _fmt(float(r.get("divergences", 0)), 5),
+                             _ess(r.get("ess_bulk_min", np.nan)), _ess(r.get("divergences", 0)),
                              _fmt(float(r["voronoi"]))])
             body += _table(["n", "replicate", "max R-hat", "min bulk ESS", "divergences", "Voronoi"], rows)
     else:
