@@ -1062,7 +1062,11 @@ def study_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
     from .study import load_results
 
     folder = Path(folder)
-    df = load_results(folder)
+    try:
+        df = load_results(folder)
+    except ValueError as err:
+        msg = str(err)
+        raise ValueError(msg[len("out: "):] if msg.startswith("out: ") else msg) from None
     spec = df.attrs.get("spec") or {}
     if df.empty:
         raise ValueError(f"{folder}: the study has no finished cell yet")

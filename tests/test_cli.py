@@ -198,6 +198,9 @@ def test_missing_report_path(workdir):
 
 def test_report_of_a_file_that_is_not_a_fit(bad_files, workdir):
     assert_user_error(run("report", bad_files["junk_nc"], "--out", workdir / "r.html"), "junk.nc")
+    empty = workdir / "empty_dir"
+    empty.mkdir(exist_ok=True)
+    assert_user_error(run("report", empty, "--out", workdir / "r.html"), "empty_dir", "not a study folder")
 
 
 def test_unknown_scenario(workdir):
