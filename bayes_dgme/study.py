@@ -66,7 +66,7 @@ ESTIMATOR_CODES = {"posterior": 1, "map": 2, "em": 3}
 
 #: Columns that differ between two runs of the same cell (wall times, where it ran).
 NONDETERMINISTIC_COLUMNS = (
-    "fit_seconds", "compile_seconds", "sample_seconds", "loss_seconds", "total_seconds", "worker",
+    "fit_seconds", "compile_seconds", "init_seconds", "sample_seconds", "loss_seconds", "total_seconds", "worker",
 )
 
 #: Loss columns of a record (``voronoi`` is the posterior mean for ``posterior``, the point loss otherwise).
@@ -121,6 +121,7 @@ class CellTask:
     chains: int
     sampler: str
     posterior_path: str | None = None
+    init: str = "em"
 
     @property
     def key(self) -> str:
@@ -203,6 +204,82 @@ def _posterior_model(task: CellTask, X: np.ndarray, Y: np.ndarray) -> tuple[Any,
     return compiled, time.perf_counter() - t0
 
 
+_UNCONSTRAIN: dict[int, tuple[Any, list[tuple[str, str]]]] = {}
+
+
+def _unconstrain_function(model: Any) -> tuple[Any, list[tuple[str, str]]]:
+    """A compiled function: constrained values of the free variables -> their unconstrained values.
+
+    Cached per model (compiled once per worker process). Returns the function and the layout
+    ``[(rv name, value-variable name), ...]`` of its inputs and outputs.
+    """
+    key = id(model)
+    if key not in _UNCONSTRAIN:
+        import pytensor
+        import pytensor.tensor as pt
+
+        inputs, outputs, layout = [], [], []
+        for vv in model.value_vars:
+            rv = model.values_to_rvs[vv]
+            tr = model.rvs_to_transforms.get(rv)
+            x = pt.tensor(name=rv.name, shape=(None,) * rv.ndim, dtype="float64")
+            inputs.append(x)
+            outputs.append(x if tr is None else tr.forward(x, *rv.owner.inputs))
+            layout.append((rv.name, vv.name))
+        _UNCONSTRAIN[key] = (pytensor.function(inputs, outputs, on_unused_input="ignore"), layout)
+    return _UNCONSTRAIN[key]
+
+
+def _initialised_at(compiled: Any, est: Any, jitter: float = 0.1) -> Any | None:
+    """``compiled`` (a `bayes_dgme.sampling.CompiledModel`) with every chain started near ``est``.
+
+    The point estimate is mapped to the model's unconstrained space (standardised parameters of
+    `bayes_dgme.model`, then PyMC's transforms of each free variable) and each chain starts there
+    plus a uniform jitter of ``±jitter`` per coordinate (seeded by nutpie's chain seed). Experts are
+    put in increasing order of intercepts (valid under the ``"intercepts"`` ordering; harmless
+    otherwise); weights and λ are kept off the boundary. Returns ``None`` when the model has free
+    variables this mapping does not know (e.g. softmax gating): the sampler's own start is used.
+    """
+    import dataclasses
+
+    from .sampling import CompiledModel
+
+    if est.weights is None:
+        return None
+    m, data, nm = compiled.model, compiled.data, compiled.nutpie_model
+    order = np.argsort(est.intercepts, kind="stable")
+    w = np.clip(est.weights[order], 1e-3, None)
+    ints_z = (est.intercepts[order] - float(data["intercept_loc"])) / float(data["intercept_scale"])
+    for i in range(1, ints_z.size):  # strictly increasing for the ordered transform
+        ints_z[i] = max(ints_z[i], ints_z[i - 1] + 1e-3)
+    values = {
+        "lam": np.clip(float(est.lam), 0.02, 0.98), "weights": w / w.sum(),
+        "slopes_z": est.slopes[order] / np.asarray(data["slope_scale"], dtype=float),
+        "intercepts_z": ints_z,
+        "sds_z": np.sqrt(est.variances[order]) / float(data["variance_scale"]),
+    }
+    names = list(nm.shape_info[0])
+    slices = nm.shape_info[1]
+    flat = np.zeros(int(nm.n_dim))
+    try:
+        fn, layout = _unconstrain_function(m)
+        if any(rv_name not in values or vv_name not in names for rv_name, vv_name in layout):
+            return None
+        outs = fn(*[np.asarray(values[rv_name], dtype=float) for rv_name, _ in layout])
+        for (_, vv_name), u in zip(layout, outs):
+            flat[slices[names.index(vv_name)]] = np.asarray(u, dtype=float).reshape(-1)
+    except Exception:  # an unexpected model layout: fall back to the sampler's own start
+        return None
+    if not np.isfinite(flat).all():
+        return None
+
+    def initial_point(seed: Any) -> np.ndarray:
+        rng = np.random.default_rng(seed)
+        return flat + rng.uniform(-jitter, jitter, size=flat.size)
+
+    return CompiledModel(compiled.model, dataclasses.replace(nm, initial_point_func=initial_point), compiled.data)
+
+
 def _fit_posterior(task: CellTask, X: np.ndarray, Y: np.ndarray, fit_seed: int) -> dict[str, Any]:
     from . import sampling
     from .losses import voronoi_loss
@@ -212,6 +289,22 @@ def _fit_posterior(task: CellTask, X: np.ndarray, Y: np.ndarray, fit_seed: int) 
     truth = task.scenario.truth
     t0 = time.perf_counter()
     model, compile_seconds = _posterior_model(task, X, Y)
+    init_used = "model"
+    if task.init == "em" and task.sampler == "nutpie":
+        from .em import fit_em
+
+        t_init = time.perf_counter()
+        init_seed = int(np.random.SeedSequence([fit_seed, 1]).generate_state(1, dtype=np.uint32)[0])
+        try:
+            start = fit_em(X, Y, truth.known, task.scenario.k, gating=task.scenario.gating, seed=init_seed)
+            started = _initialised_at(model, start.params)
+        except Exception:  # no EM start: the sampler's own start
+            started = None
+        if started is not None:
+            model, init_used = started, "em"
+        init_seconds = time.perf_counter() - t_init
+    else:
+        init_seconds = 0.0
     tree = sampling.sample(model, draws=task.draws, tune=task.tune, chains=task.chains, seed=fit_seed,
                            sampler=task.sampler, target_accept=task.scenario.sampler.target_accept,
                            progressbar=False, log_likelihood=None if task.posterior_path else False)
@@ -229,8 +322,10 @@ def _fit_posterior(task: CellTask, X: np.ndarray, Y: np.ndarray, fit_seed: int) 
     out.update(_cell_error_columns(est, truth))
     out.update(_diagnostics(tree))
     out.update({"draws": task.draws, "tune": task.tune, "chains": task.chains, "sampler": task.sampler})
+    out["init"] = init_used
     out["fit_seconds"] = fit_seconds
     out["compile_seconds"] = compile_seconds
+    out["init_seconds"] = init_seconds
     out.update(_sampling_times(tree))
     out["loss_seconds"] = time.perf_counter() - t1
     if task.posterior_path is not None:
@@ -479,7 +574,7 @@ _COLUMN_ORDER = (
     "scenario", "loss_kind", "fit_kind", "k", "gating", "n", "replicate", "estimator", "status",
     "voronoi", "voronoi_median", "voronoi_q90", "voronoi_q95", "voronoi_sd", "wasserstein", "lam_err", "mass_min",
     "loglik", "n_iter", "converged", "rhat_max", "ess_bulk_min", "ess_tail_min", "divergences",
-    "draws", "tune", "chains", "sampler", "seed", "fit_seed", "error", "warnings",
+    "draws", "tune", "chains", "sampler", "init", "seed", "fit_seed", "error", "warnings",
 )
 _CELL_PREFIXES = ("cell_size_mean_", "cell_size_", "slope_err_", "intercept_err_", "variance_err_", "gate_slope_err_",
                   "mass_err_")
@@ -540,7 +635,7 @@ def load_results(out: str | os.PathLike) -> pd.DataFrame:
 
 # ---------------------------------------------------------------------------------------- spec
 def study_spec(scenario: Scenario, n: Sequence[int], reps: int, seed: int, estimators: Sequence[str],
-               draws: int, tune: int, chains: int, sampler: str) -> dict[str, Any]:
+               draws: int, tune: int, chains: int, sampler: str, init: str = "em") -> dict[str, Any]:
     """The JSON-ready description of a study that decides its results (stored as ``study.json``)."""
     try:
         sdict = scenario.to_dict()
@@ -557,7 +652,7 @@ def study_spec(scenario: Scenario, n: Sequence[int], reps: int, seed: int, estim
         "version": _SPEC_VERSION, "scenario": sdict, "n": [int(v) for v in n], "reps": int(reps),
         "seed": int(seed), "estimators": list(estimators),
         "sampler": {"draws": int(draws), "tune": int(tune), "chains": int(chains), "sampler": sampler,
-                    "target_accept": scenario.sampler.target_accept} if posterior else None,
+                    "target_accept": scenario.sampler.target_accept, "init": init} if posterior else None,
     }
     return json.loads(json.dumps(spec))
 
@@ -668,6 +763,7 @@ def run_study(
     progress: bool = True,
     keep_posteriors: bool = False,
     extend: bool = False,
+    init: str = "em",
 ) -> pd.DataFrame:
     """Run (or resume) a contraction study and return its records.
 
@@ -700,6 +796,13 @@ def run_study(
         Show a rich progress bar over cells.
     keep_posteriors : bool
         Also write each posterior to ``out/posteriors/n{n}_rep{r}.nc``.
+    init : {"em", "model"}
+        Where the posterior chains start. ``"em"`` (default, nutpie only): at an EM estimate of the
+        cell's data (seeded from the cell's fit seed) plus a small jitter per chain -- at large
+        ``n`` chains started at the model's default point can stay for the whole run in a
+        spurious local mode (e.g. ``λ ≈ 1`` with a broad expert absorbing g0), which ruins the
+        posterior summaries; the posterior itself is unchanged. ``"model"``: the sampler's own
+        (jittered) start.
     extend : bool
         Accept a folder whose study differs only in ``n``, ``reps`` or ``estimators`` (same
         scenario, seed and sampler settings): its finished cells are kept (a cell does not depend
@@ -752,6 +855,8 @@ def run_study(
     tune = int(tune)
     if workers is not None:
         workers = _positive_int("workers", workers)
+    if init not in ("em", "model"):
+        raise ValueError(f"init: expected 'em' or 'model', got {init!r}")
     if out is None:
         raise ValueError("out: a study folder is required")
     _check_cluster(cluster)
@@ -761,7 +866,7 @@ def run_study(
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CELLS_DIR).mkdir(exist_ok=True)
 
-    spec = study_spec(scen, n_values, reps, seed, est, draws, tune, chains, scen.sampler.sampler)
+    spec = study_spec(scen, n_values, reps, seed, est, draws, tune, chains, scen.sampler.sampler, init)
     with _study_lock(folder):
         spec = _check_or_write_spec(folder, spec, extend=extend)
         _clean_temporaries(folder)
@@ -776,7 +881,8 @@ def run_study(
                     ppath = None
                     if keep_posteriors and e == "posterior":
                         ppath = str((folder / POSTERIORS_DIR / f"n{nv}_rep{r}.nc").resolve())
-                    tasks.append(CellTask(scen, nv, r, e, seed, draws, tune, chains, scen.sampler.sampler, ppath))
+                    tasks.append(CellTask(scen, nv, r, e, seed, draws, tune, chains, scen.sampler.sampler, ppath,
+                                          init))
         # expensive cells first: better load balance
         tasks.sort(key=lambda t: (-t.n, ESTIMATORS.index(t.estimator), t.replicate))
         total = len(n_values) * reps * len(est)
