@@ -236,6 +236,7 @@ def _fmt(x: float) -> str:
 
 # ====================================================================== commands
 def cmd_simulate(args) -> int:
+    """Write simulated data of a scenario as CSV (``bayes-dgme simulate``)."""
     scenario = _scenario(args.scenario)
     out = _out_path(args.out, [".csv"])
     X, Y, labels = scenario.simulate(args.n, seed=args.seed, return_labels=True)
@@ -259,6 +260,7 @@ def _fit_posterior(scenario, X, Y, settings: dict[str, Any], seed, progress: boo
 
 
 def cmd_fit(args) -> int:
+    """Sample the posterior, run the deviation test and write the fit file (``bayes-dgme fit``)."""
     from .posterior import posterior_losses
     from .report import fit_report, sampler_checks, save_fit
 
@@ -307,6 +309,7 @@ def cmd_fit(args) -> int:
 
 
 def cmd_mle(args) -> int:
+    """Fit EM or MAP and write the estimate as JSON (``bayes-dgme mle``)."""
     from .losses import voronoi_loss
     from .results import _json_value
 
@@ -340,6 +343,7 @@ def cmd_mle(args) -> int:
 
 
 def cmd_study(args) -> int:
+    """Run or resume a contraction study (``bayes-dgme study``)."""
     from .study import run_study
 
     scenario = _scenario(args.scenario)
@@ -394,6 +398,7 @@ def _print_study_summary(df) -> None:
 
 
 def cmd_report(args) -> int:
+    """Write the HTML report of a fit file or a study folder (``bayes-dgme report``)."""
     from .report import write_report
 
     path = Path(args.path)
@@ -407,6 +412,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_test(args) -> int:
+    """Run the deviation test H0: λ = 0 and print its table (``bayes-dgme test``)."""
     from .deviation import deviation_test
 
     scenario = _scenario(args.scenario)
@@ -431,6 +437,7 @@ def cmd_test(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    """A posterior fit, a small study and both reports on the default scenario (``bayes-dgme demo``)."""
     from .report import fit_report, save_fit, study_report
     from .scenario import DEFAULT_SCENARIO, load_scenario
     from .study import run_study
