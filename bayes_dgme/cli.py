@@ -38,7 +38,7 @@ PROG = "bayes-dgme"
 #: Settings of `bayes-dgme demo`: a small study on the default scenario that runs in minutes on 2 cores.
 DEMO = {
     "fit_n": 500, "fit_seed": 1, "fit_draws": 500, "fit_tune": 500, "fit_boot": 49,
-    "study_n": [250, 500, 1000, 2000], "study_reps": 2, "study_draws": 300, "study_tune": 300,
+    "study_n": [250, 500, 1000, 2000], "study_reps": 2, "study_draws": 500, "study_tune": 500,
     "chains": 2, "estimators": ["posterior", "map", "em"], "seed": 20240205,
 }
 
