@@ -22,6 +22,7 @@ import arviz as az
 import numpy as np
 import nutpie
 import pymc as pm
+import pytensor
 import pytensor.tensor as pt
 
 import bayes_dgme as bd
@@ -51,10 +52,27 @@ def plain_model(X, Y, scenario) -> pm.Model:
     return model
 
 
-def run(name, compile_fn, sample_fn):
+def grad_time(model: pm.Model, evals: int = 300) -> float:
+    """Median seconds of one logp-and-gradient evaluation at the initial point (numba, like nutpie)."""
+    logp = model.logp()
+    grads = pytensor.grad(logp, model.value_vars)
+    fn = model.compile_fn([logp, *grads], inputs=model.value_vars, point_fn=True)
+    point = model.initial_point()
+    fn(point)
+    times = []
+    for _ in range(evals):
+        t0 = time.perf_counter()
+        fn(point)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def run(name, compile_fn, sample_fn, nutpie_model_of):
     t0 = time.perf_counter()
     compiled = compile_fn()
     t_compile = time.perf_counter() - t0
+    t_grad = grad_time(nutpie_model_of(compiled))
+    sample_fn(compiled, warmup=True)  # one-time costs of the first sampler start, not timed
     t0 = time.perf_counter()
     tree = sample_fn(compiled)
     t_sample = time.perf_counter() - t0
@@ -62,7 +80,8 @@ def run(name, compile_fn, sample_fn):
     rhat = float(az.rhat(tree, var_names=["lam"])["lam"])
     return {
         "model": name, "compile_s": t_compile, "sampling_s": t_sample, "ess_lam": ess,
-        "ess_per_s_lam": ess / t_sample, "rhat_lam": rhat,
+        "ess_per_s_lam": ess / t_sample, "rhat_lam": rhat, "grad_us": 1e6 * t_grad,
+        "steps_per_draw": float(tree.sample_stats.n_steps.mean()),
         "divergences": int(tree.sample_stats.diverging.sum()),
         "lam_mean": float(tree.posterior.lam.mean()),
     }
@@ -88,32 +107,40 @@ def main(argv=None) -> list[dict]:
                                priors=scenario.priors)
         return sampling.compile_model(model)
 
-    def ours_sample(compiled):
-        return bd.sample(compiled, seed=args.seed, progressbar=False, log_likelihood=False, **settings)
+    def ours_sample(compiled, warmup=False):
+        kw = {"draws": 2, "tune": 2, "chains": args.chains} if warmup else settings
+        return bd.sample(compiled, seed=args.seed, progressbar=False, log_likelihood=False, **kw)
+
+    def plain_sample(compiled, warmup=False):
+        kw = {"draws": 2, "tune": 2, "chains": args.chains} if warmup else settings
+        return nutpie.sample(compiled, seed=args.seed, progress_bar=False, save_warmup=False,
+                             cores=args.chains, target_accept=0.9, **kw)
+
+    plain = plain_model(X, Y, scenario)
 
     def plain_compile():
-        return nutpie.compile_pymc_model(plain_model(X, Y, scenario))
+        return nutpie.compile_pymc_model(plain)
 
-    def plain_sample(compiled):
-        return nutpie.sample(compiled, seed=args.seed, progress_bar=False, save_warmup=False,
-                             cores=args.chains, target_accept=0.9, **settings)
-
-    rows = [run("bayes_dgme (CustomDist)", ours_compile, ours_sample),
-            run("plain (Potential)", plain_compile, plain_sample)]
+    rows = [run("bayes_dgme (CustomDist)", ours_compile, ours_sample, lambda c: c.model),
+            run("plain (Potential)", plain_compile, plain_sample, lambda c: plain)]
     ours, plain = rows
     print(f"\nscenario {scenario.name}, n = {args.n}, {args.chains} chains × ({args.tune} tune + {args.draws} draws), "
           "nutpie, target_accept 0.9\n")
     head = (f"{'model':<26}{'compile s':>11}{'sampling s':>12}{'ESS(λ)':>9}{'ESS/s λ':>10}{'R-hat λ':>9}"
-            f"{'div':>6}{'E[λ]':>8}")
+            f"{'div':>6}{'E[λ]':>8}{'grad µs':>10}{'steps':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['model']:<26}{r['compile_s']:>11.1f}{r['sampling_s']:>12.1f}{r['ess_lam']:>9.0f}"
-              f"{r['ess_per_s_lam']:>10.1f}{r['rhat_lam']:>9.3f}{r['divergences']:>6d}{r['lam_mean']:>8.3f}")
+              f"{r['ess_per_s_lam']:>10.2f}{r['rhat_lam']:>9.3f}{r['divergences']:>6d}{r['lam_mean']:>8.3f}"
+              f"{r['grad_us']:>10.0f}{r['steps_per_draw']:>7.1f}")
     print("-" * len(head))
     print(f"{'ratio plain / bayes_dgme':<26}{plain['compile_s'] / ours['compile_s']:>11.2f}"
           f"{plain['sampling_s'] / ours['sampling_s']:>12.2f}{plain['ess_lam'] / ours['ess_lam']:>9.2f}"
-          f"{plain['ess_per_s_lam'] / ours['ess_per_s_lam']:>10.2f}")
+          f"{plain['ess_per_s_lam'] / ours['ess_per_s_lam']:>10.2f}{'':>23}{plain['grad_us'] / ours['grad_us']:>10.2f}"
+          f"{plain['steps_per_draw'] / ours['steps_per_draw']:>7.2f}")
+    print("\ngrad µs: median time of one logp+gradient evaluation (the same graph compiled with numba); steps: mean")
+    print("leapfrog steps per kept draw. ESS/s = bulk ESS of λ / sampling wall time.")
     print(f"\n(truth λ = {scenario.truth.lam}; timings are wall clock and noisy on a shared machine)")
     if args.json:
         with open(args.json, "w") as fh:
