@@ -6,8 +6,10 @@
 nutpie (the default) compiles the model once per `pymc.Model`; for many datasets of the same shape
 (a contraction study) compile once and swap the data::
 
+    from bayes_dgme.sampling import compile_model
+
     model = bd.build_model(X, Y, known, k)
-    compiled = bd.sampling.compile_model(model)           # numba compile, ~10 s
+    compiled = compile_model(model)                          # numba compile, 20-60 s
     tree = bd.sample(compiled, seed=1)                       # the model's own data
     tree2 = bd.sample(compiled.with_data(X2, Y2), seed=1)    # new data, no recompilation
 
