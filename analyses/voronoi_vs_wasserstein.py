@@ -19,12 +19,12 @@ import common
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from paper_settings import GRID, SETTINGS
 
 import bayes_dgme as bd
 from bayes_dgme import plots
 from bayes_dgme.rates import write_rates
 
-SETTINGS = ("d1_exact", "d1_over", "d2_exact", "d2_over")
 COLORS = {"voronoi": "#1f5fa8", "wasserstein": "#7b3f9e"}
 
 
@@ -39,7 +39,7 @@ def main() -> None:
     out = common.output_dir("voronoi_vs_wasserstein", args)
     frames, rate_frames = {}, []
     for name in SETTINGS:
-        df = common.study(name, name, args)
+        df = common.study(name, name, args, **GRID.get(name, {}))
         frames[name] = df
         r = bd.contraction_rates(df, statistics=["voronoi", "wasserstein"], per_cell=False)
         r.insert(0, "setting", name)
