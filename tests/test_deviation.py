@@ -157,8 +157,8 @@ def strong():
     X, Y = bd.simulate(truth, 2000, seed=11)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = deviation_test(X, Y, truth.known, 2, n_boot=19, seed=5, restarts=2, em_options=FAST_EM,
-                             draws=200, tune=300, chains=2, bf_draws=200)
+        res = deviation_test(X, Y, truth.known, 2, n_boot=19, seed=5, restarts=1, em_options=FAST_EM,
+                             draws=150, tune=250, chains=2, bf_draws=200)
     return res
 
 
