@@ -251,6 +251,7 @@ def parameter_error_plot(df: pd.DataFrame, estimator: str = "posterior", path: s
     names = {"slope": "slope error $\\|\\Delta a\\|$", "intercept": "intercept error $|\\Delta b|$",
              "variance": "variance error $|\\Delta v|$", "gate_slope": "gate slope error $\\|\\Delta\\beta_1\\|$"}
     for ax, p in zip(axes[0], parameters):
+        annotated: set[str] = set()
         for j in labels:
             col = f"{p}_err_{j}"
             if col not in sub.columns:
@@ -268,8 +269,10 @@ def parameter_error_plot(df: pd.DataFrame, estimator: str = "posterior", path: s
             ax.plot(s.index, s["med"], "-o", color=color, ms=4, lw=1.8,
                     label=f"{who} (m={m}): {meas:+.2f}" if np.isfinite(meas) else f"{who} (m={m})")
             if np.isfinite(theory):
+                text = _slope_text(theory)
                 _reference_line(ax, float(s.index[0]), float(s["med"].iloc[0]), theory, float(ns[-1]), None,
-                                color, style="--", annotate=_slope_text(theory))
+                                color, style="--", annotate=None if text in annotated else text)
+                annotated.add(text)
         ax.set_xscale("log")
         ax.set_yscale("log")
         _n_ticks(ax, ns)
