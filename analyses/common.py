@@ -33,6 +33,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--estimators", default="posterior,map,em", help="comma-separated (default: %(default)s)")
     p.add_argument("--map-reps", type=int, default=2,
                    help="replicates of the MAP estimator (each MAP fit recompiles PyMC: ~20 s here; default 2)")
+    p.add_argument("--map-settings", default="all",
+                   help="comma-separated study labels that run MAP (default: all); the others skip it")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -62,6 +64,8 @@ def study(scenario, label: str, args, estimators: str | None = None, n: list[int
         grid["reps"] = reps
     folder = OUTPUT / "studies" / f"{label}-{size(args)}"
     names = [e.strip() for e in (estimators or args.estimators).split(",") if e.strip()]
+    if "map" in names and args.map_settings != "all" and label not in args.map_settings.split(","):
+        names.remove("map")
     t0 = time.perf_counter()
     common = {"n": grid["n"], "out": folder, "seed": SEED, "cluster": args.cluster, "workers": args.workers,
               "draws": grid["draws"], "tune": grid["tune"], "chains": grid["chains"],
