@@ -285,7 +285,7 @@ def report(args) -> None:
     fig.savefig(OUT / "power.png", dpi=130)
     if args.figure:
         FIGURE.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(FIGURE, dpi=80)
+        fig.savefig(FIGURE, dpi=100)
     plt.close(fig)
 
     if btab is not None:
