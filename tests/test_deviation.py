@@ -144,7 +144,7 @@ def test_bootstrap_on_a_dask_client_matches_local():
     sc = bd.load_scenario("d2_null")
     X, _ = sc.simulate(80, seed=1)
     local = bootstrap_lr(X, sc.truth.known, 2, 5, seed=3, restarts=1, em_options=FAST_EM, workers=1)
-    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
+    with distributed.Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=":0") as client:
         remote = bootstrap_lr(X, sc.truth.known, 2, 5, seed=3, restarts=1, em_options=FAST_EM, client=client)
     np.testing.assert_array_equal(local, remote)
 
