@@ -298,8 +298,10 @@ def cmd_fit(args) -> int:
     _say("  sampler checks: " + ("all passed" if not failed else "FAILED " + ", ".join(failed)))
     if "deviation" in meta:
         dv = meta["deviation"]
+        lbf = dv.get("log_bayes_factor")
+        bf = "n/a" if lbf is None else f"exp({lbf:.1f})"  # BF10 itself may overflow a float
         _say(f"  deviation test: LR = {_fmt(dv['lr_statistic'] or float('nan'))}, bootstrap p = "
-             f"{_fmt(dv['p_value'] or float('nan'))}, BF10 = {_fmt(float(dv['bayes_factor']))}")
+             f"{_fmt(dv['p_value'] or float('nan'))}, BF10 = {bf}")
     if report_out is not None:
         fit_report(out, report_out)
         _say(f"  report: {report_out}")
