@@ -64,7 +64,8 @@ def _ok(df: Any) -> pd.DataFrame:
 def _summary(sub: pd.DataFrame, col: str, lo: float = 0.0, hi: float = 1.0) -> pd.DataFrame:
     """Per n: median and [lo, hi] quantiles over replicates of ``col`` (positive finite values only)."""
     vals = sub[["n", col]].copy()
-    vals = vals[np.isfinite(vals[col].astype(float)) & (vals[col].astype(float) > 0)]
+    vals[col] = pd.to_numeric(vals[col], errors="coerce").astype(float)
+    vals = vals[np.isfinite(vals[col]) & (vals[col] > 0)]
     g = vals.groupby("n")[col]
     return pd.DataFrame({"med": g.median(), "lo": g.quantile(lo), "hi": g.quantile(hi), "count": g.size()})
 
@@ -147,7 +148,8 @@ def contraction_plot(df: pd.DataFrame, path: str | os.PathLike | None = None, ti
         if e not in estimators:
             continue
         sub = df[df["estimator"] == e]
-        vals = sub[np.isfinite(sub["voronoi"].astype(float)) & (sub["voronoi"].astype(float) > 0)]
+        v = pd.to_numeric(sub["voronoi"], errors="coerce").astype(float)
+        vals = sub[np.isfinite(v) & (v > 0)]
         jitter = 1.0 + (0.035 if e == "map" else -0.035)
         ax.scatter(vals["n"] * jitter, vals["voronoi"], marker=_MARKERS[e], s=16, color=_COLORS[e], alpha=0.45,
                    lw=0, zorder=3)

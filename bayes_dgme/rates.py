@@ -16,10 +16,10 @@ Theory (DESIGN.md 4.5) is put beside every measured slope:
 Which ``m`` applies to atom ``j``
 ---------------------------------
 The cell size is a property of the fit, not of the truth, so it is read from the records: ``m_j``
-is the median over replicates (rounded half up) of ``cell_size_j`` at the **largest** ``n`` of the
-study, per estimator. For a posterior record ``cell_size_j`` is already the most frequent size over
-the draws. The largest ``n`` is used because cells settle as ``n`` grows: at small ``n`` a surplus
-atom may wander between cells, while the asymptotic rate is that of the configuration the fit
+is the most frequent value over replicates (ties to the smaller size) of ``cell_size_j`` at the
+**largest** ``n`` of the study, per estimator. For a posterior record ``cell_size_j`` is already the
+most frequent size over the draws. The largest ``n`` is used because cells settle as ``n`` grows:
+at small ``n`` a surplus atom may wander between cells, while the asymptotic rate is that of the configuration the fit
 settles in. When ``m_j`` differs between replicates the table says so (``cell_size_agree``).
 """
 
@@ -192,10 +192,11 @@ def _cell_sizes_at_max_n(sub: pd.DataFrame, label: int) -> tuple[int, bool]:
     col = f"cell_size_{label}"
     if col not in sub.columns:
         return 0, True
-    top = sub[sub["n"] == sub["n"].max()][col].dropna()
+    top = pd.to_numeric(sub[sub["n"] == sub["n"].max()][col], errors="coerce").dropna().astype(int)
     if top.empty:
         return 0, True
-    m = math.floor(float(np.median(top)) + 0.5)
+    counts = top.value_counts()
+    m = int(min(counts.index[counts == counts.max()]))  # the most frequent size; ties to the smaller
     return m, bool((top == top.iloc[0]).all())
 
 

@@ -559,6 +559,11 @@ def _frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
     if not recs:
         return pd.DataFrame(columns=["n", "replicate", "estimator", "voronoi"])
     df = pd.DataFrame.from_records(recs)
+    for col in df.columns:  # JSON null -> NaN: numeric columns stay numeric even when mostly empty
+        if df[col].dtype == object and col not in ("error", "warnings"):
+            present = df[col].dropna()
+            if present.empty or all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
+                df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
     order = {e: i for i, e in enumerate(ESTIMATORS)}
     df["_e"] = df["estimator"].map(order)
     df = df.sort_values(["n", "replicate", "_e"], kind="stable").drop(columns="_e").reset_index(drop=True)
