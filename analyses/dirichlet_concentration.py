@@ -78,7 +78,7 @@ def main() -> None:
             y0 = float(max(frames[a].groupby("n")["voronoi"].median().iloc[0] for a in alphas)) * 1.5
             xs = np.array([x0, float(med.index[-1])])
             ax.plot(xs, y0 * (xs / x0) ** -0.5, "--", color="#555555", label="slope −1/2")
-        ax.set_xscale("log")
+        plots.set_n_axis(ax, sorted(frames[alphas[0]]["n"].unique()))
         ax.set_yscale("log")
         ax.set_xlabel("sample size $n$")
         ax.set_title(name, fontsize=10)

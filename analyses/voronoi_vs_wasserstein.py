@@ -81,7 +81,7 @@ def main() -> None:
                 x0, y0 = float(med.index[0]), float(med.iloc[0])
                 xs = np.array([x0, float(med.index[-1])])
                 ax.plot(xs, y0 * (xs / x0) ** slope, "--", color=COLORS[stat], lw=1, alpha=0.8)
-            ax.set_xscale("log")
+            plots.set_n_axis(ax, sorted(sub["n"].unique()))
             ax.set_yscale("log")
             ax.set_xlabel("sample size $n$")
             ax.set_ylabel(f"{est} loss" + (" (posterior mean)" if est == "posterior" else ""))

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["contraction_plot", "parameter_error_plot", "rate_comparison_plot", "save"]
+__all__ = ["contraction_plot", "parameter_error_plot", "rate_comparison_plot", "set_n_axis", "save"]
 
 _COLORS = {
     "posterior": "#1f5fa8", "posterior_q90": "#7fa7d9", "map": "#d0641c", "em": "#2e8b3e",
@@ -183,6 +183,12 @@ def contraction_plot(df: pd.DataFrame, path: str | os.PathLike | None = None, ti
     ax.legend(fontsize=7.5, loc="best", framealpha=0.85)
     save(fig, path)
     return fig
+
+
+def set_n_axis(ax, ns: Sequence[float]) -> None:
+    """Log-scale x axis with one labelled tick per sample size ``ns`` (plain integers)."""
+    ax.set_xscale("log")
+    _n_ticks(ax, np.sort(np.asarray(ns, dtype=float)))
 
 
 def _n_ticks(ax, ns: np.ndarray) -> None:
