@@ -37,7 +37,7 @@ Notes
   on ``intercepts_z``: it restricts the posterior to increasing intercepts, but *prior* draws
   (``pm.sample_prior_predictive``) ignore transforms and are not sorted. The prior predictive of
   ``y`` is the same either way, since the mixture is exchangeable in its labels.
-- The initial point spreads the standardised intercepts over ``linspace(-1, 1, k)`` (a
+- The initial point spreads the standardised intercepts over ``SPREAD · linspace(-1, 1, k)`` (a
   ``support_point``, not an ``initval``, so that PyMC's model transformations such as
   ``compute_log_likelihood``, ``do`` and ``observe`` still apply).
 - The sampler of ``y`` draws ``g0`` at every row (``known.sample``) and an expert at every row, then
@@ -63,6 +63,10 @@ __all__ = ["build_model", "data_scales", "model_data", "model_spec", "ModelSpec"
 
 #: Width of the weakly-informative data-based priors, in units of the data's spread.
 SCALE_FACTOR = 2.5
+
+#: Initial standardised intercepts are ``SPREAD · linspace(-1, 1, k)``: experts start spread over
+#: about ``± SCALE_FACTOR · SPREAD = ±1`` standard deviation of ``Y`` around its mean.
+SPREAD = 0.4
 
 #: Names of the `pymc.Data` containers of a model built by `build_model`.
 DATA_NAMES = ("X", "Y", "log_g0", "slope_scale", "intercept_loc", "intercept_scale", "variance_scale")
@@ -270,10 +274,10 @@ def _flat_dist(size):
 
 
 def _spread_support_point(rv, size, *params):
-    """Initial standardised intercepts ``linspace(-1, 1, k)``: distinct (valid under the ordering)
-    and spread over the data, without a model ``initval`` (which PyMC's model transforms reject)."""
+    """Initial standardised intercepts ``SPREAD · linspace(-1, 1, k)``: distinct (valid under the
+    ordering) and spread over the data, without a model ``initval`` (which PyMC's model transforms reject)."""
     k = rv.shape[-1]
-    return (2.0 * pt.arange(k) - (k - 1)) / pt.maximum(k - 1, 1)
+    return SPREAD * (2.0 * pt.arange(k) - (k - 1)) / pt.maximum(k - 1, 1)
 
 
 def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
