@@ -34,6 +34,8 @@ _LAZY = {
     "posterior_losses": "posterior",
     "build_model": "model",
     "sample": "sampling",
+    "compile_model": "sampling",
+    "sample_predictive": "sampling",
     "params_from_posterior": "posterior",
     "fit_em": "em",
     "fit_map": "map",
