@@ -794,7 +794,9 @@ def run_study(
         `dask.distributed.Client` to that scheduler (its workers must import ``bayes_dgme``; with
         ``keep_posteriors`` they must see ``out``). A ``Client``: use it as is.
     workers : int, optional
-        Number of local processes (or LocalCluster workers). Default: the number of CPUs.
+        Number of local processes (or LocalCluster workers). Default: the number of CPUs divided
+        by ``chains`` when the posterior is run (nutpie already runs the chains of a fit in parallel
+        threads, and every worker process compiles the model once), else the number of CPUs.
     draws, tune, chains : int, optional
         Posterior sampler settings. Default: the scenario's ``[sampler]`` table.
     progress : bool
@@ -860,6 +862,9 @@ def run_study(
     tune = int(tune)
     if workers is not None:
         workers = _positive_int("workers", workers)
+    else:
+        cpus = os.cpu_count() or 1
+        workers = max(1, cpus // chains) if "posterior" in est else cpus
     if init not in ("em", "model"):
         raise ValueError(f"init: expected 'em' or 'model', got {init!r}")
     if out is None:
@@ -923,7 +928,7 @@ def _check_cluster(cluster: Any) -> None:
 def _execute(tasks: list[CellTask], cluster: Any, workers: int | None) -> Iterator[dict[str, Any]]:
     """Yield the records of ``tasks`` as they finish."""
     if cluster is None:
-        nproc = workers or os.cpu_count() or 1
+        nproc = workers or 1
         nproc = min(nproc, len(tasks))
         if nproc <= 1:
             for task in tasks:
@@ -952,7 +957,7 @@ def _execute_dask(tasks: list[CellTask], cluster: Any, workers: int | None) -> I
     owned: list[Any] = []
     try:
         if isinstance(cluster, str) and cluster == "local":
-            lc = LocalCluster(n_workers=workers or os.cpu_count() or 1, threads_per_worker=1, processes=True,
+            lc = LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True,
                               dashboard_address=None)
             owned.append(lc)
             client = Client(lc)
