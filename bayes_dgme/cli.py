@@ -247,14 +247,14 @@ def cmd_simulate(args) -> int:
     return 0
 
 
-def _fit_posterior(scenario, X, Y, settings: dict[str, Any], seed, progress: bool = True):
+def _fit_posterior(scenario, X, Y, settings: dict[str, Any], seed, progress: bool = True, init: str = "em"):
     from .model import build_model
     from .sampling import sample, sample_predictive
 
     model = build_model(X, Y, scenario.truth.known, scenario.k, gating=scenario.gating, priors=scenario.priors)
     tree = sample(model, draws=settings["draws"], tune=settings["tune"], chains=settings["chains"], seed=seed,
                   sampler=settings["sampler"], target_accept=settings["target_accept"], progressbar=progress,
-                  log_likelihood=False)
+                  log_likelihood=False, init="em" if init == "em" else None)
     return sample_predictive(model, tree, seed=seed, extend=True)
 
 
@@ -271,7 +271,7 @@ def cmd_fit(args) -> int:
     _say(f"fitting scenario {scenario.name}: n = {Y.size}, k = {scenario.k}, {settings['chains']} chains × "
          f"{settings['draws']} draws (+{settings['tune']} tuning), sampler {settings['sampler']}")
     t0 = time.perf_counter()
-    tree = _fit_posterior(scenario, X, Y, settings, args.seed, progress=not args.quiet)
+    tree = _fit_posterior(scenario, X, Y, settings, args.seed, progress=not args.quiet, init=args.init)
     seconds = time.perf_counter() - t0
     meta: dict[str, Any] = {"data": data_info, "sampler": {**settings, "seed": args.seed}, "seconds": seconds}
     if args.deviation_test:
@@ -552,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampler_args(p)
     p.add_argument("--out", required=True, metavar="NC", help="output file (.nc)")
     p.add_argument("--report", metavar="HTML", help="also write the HTML report there")
+    p.add_argument("--init", choices=["em", "model"], default="em",
+                   help="chain start: near an EM estimate (default; avoids spurious modes at large n) or the "
+                        "model's default point")
     p.add_argument("--deviation-test", action=argparse.BooleanOptionalAction, default=True,
                    help="also run the deviation test H0: λ = 0 on the same data (default: yes)")
     p.add_argument("--boot", type=_positive_int, default=49,

@@ -342,7 +342,7 @@ class _Problem:
         if not 0.0 < out.lam < 1.0:
             out.lam = em.lam
         if s.w is not None:
-            with np.errstate(divide="ignore"):
+            with np.errstate(divide="ignore", invalid="ignore"):  # an emptied expert: -inf - (-inf)
                 lw = lin(np.log(s.w), np.log(em.w))
             lw = np.where(np.isfinite(lw), lw, -np.inf)
             w = np.exp(lw - lw.max())

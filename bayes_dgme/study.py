@@ -204,82 +204,6 @@ def _posterior_model(task: CellTask, X: np.ndarray, Y: np.ndarray) -> tuple[Any,
     return compiled, time.perf_counter() - t0
 
 
-_UNCONSTRAIN: dict[int, tuple[Any, list[tuple[str, str]]]] = {}
-
-
-def _unconstrain_function(model: Any) -> tuple[Any, list[tuple[str, str]]]:
-    """A compiled function: constrained values of the free variables -> their unconstrained values.
-
-    Cached per model (compiled once per worker process). Returns the function and the layout
-    ``[(rv name, value-variable name), ...]`` of its inputs and outputs.
-    """
-    key = id(model)
-    if key not in _UNCONSTRAIN:
-        import pytensor
-        import pytensor.tensor as pt
-
-        inputs, outputs, layout = [], [], []
-        for vv in model.value_vars:
-            rv = model.values_to_rvs[vv]
-            tr = model.rvs_to_transforms.get(rv)
-            x = pt.tensor(name=rv.name, shape=(None,) * rv.ndim, dtype="float64")
-            inputs.append(x)
-            outputs.append(x if tr is None else tr.forward(x, *rv.owner.inputs))
-            layout.append((rv.name, vv.name))
-        _UNCONSTRAIN[key] = (pytensor.function(inputs, outputs, on_unused_input="ignore"), layout)
-    return _UNCONSTRAIN[key]
-
-
-def _initialised_at(compiled: Any, est: Any, jitter: float = 0.1) -> Any | None:
-    """``compiled`` (a `bayes_dgme.sampling.CompiledModel`) with every chain started near ``est``.
-
-    The point estimate is mapped to the model's unconstrained space (standardised parameters of
-    `bayes_dgme.model`, then PyMC's transforms of each free variable) and each chain starts there
-    plus a uniform jitter of ``±jitter`` per coordinate (seeded by nutpie's chain seed). Experts are
-    put in increasing order of intercepts (valid under the ``"intercepts"`` ordering; harmless
-    otherwise); weights and λ are kept off the boundary. Returns ``None`` when the model has free
-    variables this mapping does not know (e.g. softmax gating): the sampler's own start is used.
-    """
-    import dataclasses
-
-    from .sampling import CompiledModel
-
-    if est.weights is None:
-        return None
-    m, data, nm = compiled.model, compiled.data, compiled.nutpie_model
-    order = np.argsort(est.intercepts, kind="stable")
-    w = np.clip(est.weights[order], 1e-3, None)
-    ints_z = (est.intercepts[order] - float(data["intercept_loc"])) / float(data["intercept_scale"])
-    for i in range(1, ints_z.size):  # strictly increasing for the ordered transform
-        ints_z[i] = max(ints_z[i], ints_z[i - 1] + 1e-3)
-    values = {
-        "lam": np.clip(float(est.lam), 0.02, 0.98), "weights": w / w.sum(),
-        "slopes_z": est.slopes[order] / np.asarray(data["slope_scale"], dtype=float),
-        "intercepts_z": ints_z,
-        "sds_z": np.sqrt(est.variances[order]) / float(data["variance_scale"]),
-    }
-    names = list(nm.shape_info[0])
-    slices = nm.shape_info[1]
-    flat = np.zeros(int(nm.n_dim))
-    try:
-        fn, layout = _unconstrain_function(m)
-        if any(rv_name not in values or vv_name not in names for rv_name, vv_name in layout):
-            return None
-        outs = fn(*[np.asarray(values[rv_name], dtype=float) for rv_name, _ in layout])
-        for (_, vv_name), u in zip(layout, outs):
-            flat[slices[names.index(vv_name)]] = np.asarray(u, dtype=float).reshape(-1)
-    except Exception:  # an unexpected model layout: fall back to the sampler's own start
-        return None
-    if not np.isfinite(flat).all():
-        return None
-
-    def initial_point(seed: Any) -> np.ndarray:
-        rng = np.random.default_rng(seed)
-        return flat + rng.uniform(-jitter, jitter, size=flat.size)
-
-    return CompiledModel(compiled.model, dataclasses.replace(nm, initial_point_func=initial_point), compiled.data)
-
-
 def _fit_posterior(task: CellTask, X: np.ndarray, Y: np.ndarray, fit_seed: int) -> dict[str, Any]:
     from . import sampling
     from .losses import voronoi_loss
@@ -297,7 +221,7 @@ def _fit_posterior(task: CellTask, X: np.ndarray, Y: np.ndarray, fit_seed: int) 
         init_seed = int(np.random.SeedSequence([fit_seed, 1]).generate_state(1, dtype=np.uint32)[0])
         try:
             start = fit_em(X, Y, truth.known, task.scenario.k, gating=task.scenario.gating, seed=init_seed)
-            started = _initialised_at(model, start.params)
+            started = sampling.start_near(model, start.params)
         except Exception:  # no EM start: the sampler's own start
             started = None
         if started is not None:
@@ -307,7 +231,8 @@ def _fit_posterior(task: CellTask, X: np.ndarray, Y: np.ndarray, fit_seed: int) 
         init_seconds = 0.0
     tree = sampling.sample(model, draws=task.draws, tune=task.tune, chains=task.chains, seed=fit_seed,
                            sampler=task.sampler, target_accept=task.scenario.sampler.target_accept,
-                           progressbar=False, log_likelihood=None if task.posterior_path else False)
+                           progressbar=False, log_likelihood=None if task.posterior_path else False,
+                           init=None)  # the start is set above (recorded in the `init` column)
     fit_seconds = time.perf_counter() - t0
     t1 = time.perf_counter()
     est = params_from_posterior(tree)
