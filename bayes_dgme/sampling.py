@@ -150,7 +150,8 @@ def _set_model_data(model: pm.Model, data: dict[str, Any]) -> None:
     pm.set_data(data, model=model, coords={"obs": np.arange(data["Y"].shape[0])})
 
 
-_UNCONSTRAIN: dict[int, tuple[Any, list[tuple[str, str]]]] = {}
+# keyed by the model object itself (weakly): an id() key could be reused by a later, different model
+_UNCONSTRAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _unconstrain_function(model: Any) -> tuple[Any, list[tuple[str, str]]]:
@@ -159,7 +160,7 @@ def _unconstrain_function(model: Any) -> tuple[Any, list[tuple[str, str]]]:
     Cached per model (compiled once per worker process). Returns the function and the layout
     ``[(rv name, value-variable name), ...]`` of its inputs and outputs.
     """
-    key = id(model)
+    key = model
     if key not in _UNCONSTRAIN:
         import pytensor
         import pytensor.tensor as pt
