@@ -49,13 +49,10 @@ def save(fig, path: str | os.PathLike | None, dpi: int = 110) -> None:
 
 
 def _ok(df: Any) -> pd.DataFrame:
-    if not isinstance(df, pd.DataFrame):
-        raise ValueError(f"df: expected a DataFrame of study records, got {type(df).__name__}")
-    missing = [c for c in ("n", "replicate", "estimator") if c not in df.columns]
-    if missing:
-        raise ValueError(f"df: missing column(s) {missing}; expected the records of bayes_dgme.run_study")
-    if "status" in df.columns:
-        df = df[df["status"].fillna("ok") == "ok"]
+    """Finished study records (the check of `bayes_dgme.rates`), refusing an empty table."""
+    from .rates import _check_df
+
+    df = _check_df(df)
     if df.empty:
         raise ValueError("df: no finished cells to plot")
     return df
