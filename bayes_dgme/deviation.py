@@ -32,6 +32,7 @@ from .known import KnownFunction, log_density
 from .likelihood import log_joint_terms
 from .params import GATINGS, Params
 from .priors import Priors
+from .results import _json_value
 
 __all__ = [
     "DeviationResult",
@@ -492,7 +493,7 @@ class DeviationResult:
             "seed_entropy": self.seed_entropy, "timings": dict(self.timings),
             "lr_boot": None if self.lr_boot is None else self.lr_boot.tolist(),
         }
-        return {k: _json(v) for k, v in out.items()}
+        return _json_value(out)
 
     # ------------------------------------------------------------------ display
     def _rows(self) -> list[tuple[str, str, str]]:
@@ -538,15 +539,6 @@ class DeviationResult:
 
     def _repr_html_(self) -> str:
         return self.to_html()
-
-
-def _json(v: Any) -> Any:
-    """Non-finite floats to ``None`` (JSON has no NaN or infinity), recursively in lists."""
-    if isinstance(v, (list, tuple)):
-        return [_json(u) for u in v]
-    if isinstance(v, (float, np.floating)):
-        return float(v) if np.isfinite(v) else None
-    return v
 
 
 def _fmt(v: float) -> str:

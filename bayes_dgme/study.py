@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from .results import _json_value
 from .scenario import Scenario, load_scenario
 
 __all__ = [
@@ -162,7 +163,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
     record["warnings"] = " | ".join(m[:300] for m in messages[:5]) or None
     record["total_seconds"] = time.perf_counter() - t0
     record["worker"] = f"{socket.gethostname()}:{os.getpid()}"
-    return _jsonable(record)
+    return _json_value(record)
 
 
 #: Compiled nutpie models of this worker process, by model key (see `_model_key`).
@@ -383,21 +384,6 @@ def _sampling_times(tree) -> dict[str, Any]:
         if src in attrs and dst not in out:
             with contextlib.suppress(TypeError, ValueError):
                 out[dst] = float(attrs[src])
-    return out
-
-
-def _jsonable(record: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, v in record.items():
-        if isinstance(v, (bool, np.bool_)):
-            out[key] = bool(v)
-        elif isinstance(v, (int, np.integer)):
-            out[key] = int(v)
-        elif isinstance(v, (float, np.floating)):
-            v = float(v)
-            out[key] = v if math.isfinite(v) else None
-        else:
-            out[key] = v
     return out
 
 
