@@ -1,10 +1,10 @@
-"""Checks on observed data ``(X, Y)`` at the edge of the library."""
+"""Checks at the edge of the library: observed data ``(X, Y)`` and integer arguments."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["check_data"]
+__all__ = ["check_data", "check_int"]
 
 
 def check_data(X, Y, d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -40,3 +40,13 @@ def check_data(X, Y, d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
             row = int(np.argwhere(bad)[0][0])
             raise ValueError(f"{name}: non-finite value (NaN or inf) at row {row}")
     return X, Y
+
+
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int, or `ValueError` naming ``name`` unless it is an integer >= ``minimum``.
+
+    Booleans are refused (``True`` is not a count).
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    return int(value)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from scipy import special
 
-from .data import check_data
+from .data import check_data, check_int
 from .known import KnownFunction, log_density
 from .likelihood import log_joint_terms
 from .params import GATINGS, Params
@@ -67,12 +67,6 @@ def _check_prob(name: str, value: Any) -> float:
     if not (0.0 < v < 1.0):
         raise ValueError(f"{name}: must lie strictly between 0 and 1, got {value!r}")
     return v
-
-
-def _check_int(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _root_seed(seed: Any) -> np.random.SeedSequence:
@@ -161,10 +155,10 @@ def bootstrap_lr(X, known: KnownFunction, k: int, n_boot: int, gating: str = "co
     """
     root = _root_seed(seed)
     em_options = dict(em_options or {})
-    n_boot = _check_int("n_boot", n_boot, 1)
+    n_boot = check_int("n_boot", n_boot, 1)
     if workers is None:
         workers = os.cpu_count() or 1
-    workers = _check_int("workers", workers, 1)
+    workers = check_int("workers", workers, 1)
     n_chunks = 1 if (workers == 1 and client is None) else min(n_boot, 4 * (workers if client is None else 8))
     bounds = np.linspace(0, n_boot, n_chunks + 1).round().astype(int)
     chunks = [(X, known, k, gating, restarts, em_options, root, list(range(lo, hi)))
@@ -680,25 +674,25 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     X, Y = check_data(X, Y)
     if not isinstance(known, KnownFunction):
         raise ValueError(f"known: expected a known function from bayes_dgme.known, got {type(known).__name__}")
-    k = _check_int("k", k, 1)
+    k = check_int("k", k, 1)
     if gating not in GATINGS:
         raise ValueError(f"gating: unknown gating {gating!r}; choose one of {list(GATINGS)}")
     threshold = _check_prob("threshold", threshold)
     level = _check_prob("level", level)
-    n_boot = _check_int("n_boot", n_boot, 1)
+    n_boot = check_int("n_boot", n_boot, 1)
     if workers is not None:
-        workers = _check_int("workers", workers, 1)
-    restarts = _check_int("restarts", restarts, 1)
+        workers = check_int("workers", workers, 1)
+    restarts = check_int("restarts", restarts, 1)
     if interval not in ("hdi", "eti"):
         raise ValueError(f"interval: expected 'hdi' or 'eti', got {interval!r}")
     if not (bayesian or frequentist):
         raise ValueError("bayesian: at least one of bayesian and frequentist must be true")
     if bayesian and posterior is None:
-        draws = _check_int("draws", draws, 1)
-        tune = _check_int("tune", tune, 0)
-        chains = _check_int("chains", chains, 1)
+        draws = check_int("draws", draws, 1)
+        tune = check_int("tune", tune, 0)
+        chains = check_int("chains", chains, 1)
     if bf_draws is not None:
-        bf_draws = _check_int("bf_draws", bf_draws, 1)
+        bf_draws = check_int("bf_draws", bf_draws, 1)
     if priors is None:
         priors = Priors()
     elif not isinstance(priors, Priors):

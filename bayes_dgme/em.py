@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .data import check_data
+from .data import check_data, check_int
 from .known import KnownFunction, log_density
 from .likelihood import loglik as _loglik
 from .params import GATINGS, Params
@@ -505,14 +505,6 @@ def _draw(rng: np.random.Generator, weights: np.ndarray) -> int:
 # ---------------------------------------------------------------------------------------- checks
 
 
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-    return int(value)
-
-
 def _check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
         raise ValueError(f"{name}: expected a number > 0, got {value!r}")
@@ -528,7 +520,7 @@ def check_fit_inputs(X, Y, known: KnownFunction | None, k, gating: str, log_g0=N
     integer >= 1, an unknown ``gating``, fewer observations than free parameters, a constant or
     collinear covariate, a constant response, or rows where ``g0`` has zero density (with the row).
     """
-    k = _check_int("k", k, 1)
+    k = check_int("k", k, 1)
     if gating not in GATINGS:
         raise ValueError(f"gating: unknown gating {gating!r}; choose one of {list(GATINGS)}")
     X, Y = check_data(X, Y)
@@ -679,9 +671,9 @@ def fit_em(X, Y, known: KnownFunction | None, k: int, gating: str = "constant", 
     True
     """
     t0 = time.perf_counter()
-    restarts = _check_int("restarts", restarts, 0)
-    max_iter = _check_int("max_iter", max_iter, 1)
-    gate_steps = _check_int("gate_steps", gate_steps, 1)
+    restarts = check_int("restarts", restarts, 0)
+    max_iter = check_int("max_iter", max_iter, 1)
+    gate_steps = check_int("gate_steps", gate_steps, 1)
     tol = _check_positive("tol", tol)
     variance_floor = _check_positive("variance_floor", variance_floor)
     X, Y, log_g0, k = check_fit_inputs(X, Y, known, k, gating, log_g0)
@@ -689,7 +681,7 @@ def fit_em(X, Y, known: KnownFunction | None, k: int, gating: str = "constant", 
     if restarts + len(starts) < 1:
         raise ValueError("restarts: 0 restarts and no init: nothing to start from")
     if blas_threads is not None:
-        blas_threads = _check_int("blas_threads", blas_threads, 1)
+        blas_threads = check_int("blas_threads", blas_threads, 1)
     rng = as_rng(seed)
     with _blas_limit(blas_threads):
         return _fit_em(X, Y, log_g0, k, gating, rng, starts, restarts, max_iter, tol, variance_floor,

@@ -30,6 +30,7 @@ import numpy as np
 import pymc as pm
 import xarray as xr
 
+from .data import check_int
 from .model import DATA_NAMES, model_data, model_spec
 from .params import Params
 
@@ -114,12 +115,6 @@ def _seed_int(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed: expected None, a non-negative integer or a numpy Generator, got {seed!r}")
     return int(seed)
-
-
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _data_groups(data: dict[str, Any]) -> tuple[xr.Dataset, xr.Dataset]:
@@ -289,12 +284,12 @@ def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000,
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler: unknown sampler {sampler!r}; choose one of {list(SAMPLERS)}")
-    draws = _check_positive_int("draws", draws)
-    tune = _check_positive_int("tune", tune, minimum=0)
-    chains = _check_positive_int("chains", chains)
+    draws = check_int("draws", draws)
+    tune = check_int("tune", tune, minimum=0)
+    chains = check_int("chains", chains)
     if isinstance(target_accept, bool) or not isinstance(target_accept, (int, float)) or not 0 < target_accept < 1:
         raise ValueError(f"target_accept: must lie in (0, 1), got {target_accept!r}")
-    cores = chains if cores is None else _check_positive_int("cores", cores)
+    cores = chains if cores is None else check_int("cores", cores)
     seed_int = _seed_int(seed)
 
     if isinstance(model, CompiledModel):
@@ -404,7 +399,7 @@ def sample_predictive(model: pm.Model | CompiledModel, tree: xr.DataTree | None 
             if model_spec(pm_model).priors.mle:
                 raise ValueError("priors.mle: an MLE-mode model has flat (improper) priors and cannot be "
                                  "prior-sampled")
-            draws = _check_positive_int("draws", draws)
+            draws = check_int("draws", draws)
             return pm.sample_prior_predictive(draws=draws, model=pm_model, random_seed=seed_int,
                                               compile_kwargs=compile_kwargs)
         return pm.sample_posterior_predictive(tree, model=pm_model, random_seed=seed_int,
