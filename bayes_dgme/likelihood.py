@@ -11,7 +11,7 @@ import numpy as np
 
 from .data import check_data
 from .known import KnownFunction, log_density
-from .params import Params
+from .params import Params, _logsumexp
 
 __all__ = ["log_joint_terms", "loglik", "loglik_pointwise"]
 
@@ -64,13 +64,6 @@ def _terms(params: Params, X: np.ndarray, Y: np.ndarray, log_g0: np.ndarray) -> 
     return np.concatenate([null[..., None], experts], axis=-1)
 
 
-def _lse(a: np.ndarray) -> np.ndarray:
-    m = a.max(axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.log(np.exp(a - m).sum(axis=-1)) + m[..., 0]
-
-
 def _chunked(params: Params, X, Y, log_g0, reduce_n: bool) -> np.ndarray:
     batch = params.batch_shape
     n, k = Y.shape[0], params.k
@@ -80,7 +73,7 @@ def _chunked(params: Params, X, Y, log_g0, reduce_n: bool) -> np.ndarray:
     out = np.empty((size,) if reduce_n else (size, n))
     for start in range(0, size, step):
         part = flat[start:start + step] if batch else flat
-        point = _lse(_terms(part, X, Y, log_g0))
+        point = _logsumexp(_terms(part, X, Y, log_g0), axis=-1)
         val = point.sum(axis=-1) if reduce_n else point
         out[start:start + step] = val
     if not batch:
