@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .validation import check_int
+
 __all__ = ["check_data", "check_int"]
 
 
@@ -40,13 +42,3 @@ def check_data(X, Y, d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
             row = int(np.argwhere(bad)[0][0])
             raise ValueError(f"{name}: non-finite value (NaN or inf) at row {row}")
     return X, Y
-
-
-def check_int(name: str, value, minimum: int = 1) -> int:
-    """``value`` as an int, or `ValueError` naming ``name`` unless it is an integer >= ``minimum``.
-
-    Booleans are refused (``True`` is not a count).
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
-    return int(value)
