@@ -14,6 +14,7 @@ import importlib
 from typing import Any
 
 from . import known
+from .bounds import Bounds
 from .data import check_data
 from .likelihood import log_joint_terms, loglik, loglik_pointwise
 from .params import Params, Truth
@@ -47,7 +48,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "known", "Params", "Truth", "Priors", "Scenario", "load_scenario", "list_scenarios",
+    "known", "Params", "Truth", "Priors", "Bounds", "Scenario", "load_scenario", "list_scenarios",
     "DEFAULT_SCENARIO", "simulate", "loglik", "loglik_pointwise", "log_joint_terms", "check_data",
     *_LAZY,
 ]

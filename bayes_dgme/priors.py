@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+from .bounds import Bounds
 
 __all__ = ["ORDERINGS", "Priors"]
 
@@ -34,6 +36,9 @@ class Priors:
         Ordering constraint to limit label switching (the Voronoi loss is label-invariant anyway).
     mle : bool
         MLE mode: flat priors on every parameter, so that the MAP estimate is the MLE.
+    bounds : Bounds or dict
+        Box bounds that make the parameter space compact (DESIGN.md 4.5); priors are truncated to
+        them. Default: unbounded. A mapping is read with `Bounds.from_dict`.
     """
 
     lam_alpha: float = 1.0
@@ -45,8 +50,11 @@ class Priors:
     gate_scale: float = 3.0
     order: str = "none"
     mle: bool = False
+    bounds: Bounds = field(default_factory=Bounds)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.bounds, Bounds):
+            object.__setattr__(self, "bounds", Bounds.from_dict(self.bounds, field="priors.bounds"))
         for name in ("lam_alpha", "lam_beta", "dirichlet_alpha", "gate_scale"):
             _positive(name, getattr(self, name))
         for name in ("slope_scale", "intercept_scale", "variance_scale"):
@@ -76,10 +84,13 @@ class Priors:
 
     def replace(self, **changes: Any) -> Priors:
         """A copy with some settings changed."""
-        return type(self).from_dict({**asdict(self), **changes})
+        return type(self).from_dict({**asdict(self), "bounds": self.bounds, **changes})
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        out = {k: v for k, v in asdict(self).items() if v is not None and k != "bounds"}
+        if not self.bounds.is_unbounded:
+            out["bounds"] = self.bounds.to_dict()
+        return out
 
 
 def _positive(name: str, value: Any) -> None:
