@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import bayes_dgme as bd
-from bayes_dgme.em import ConvergenceWarning, canonical_params, n_free_parameters
+from bayes_dgme.estimators.base import ConvergenceWarning, canonical_params, n_free_parameters
 
 N_BIG = 20_000
 

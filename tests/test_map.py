@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import bayes_dgme as bd
-from bayes_dgme.map import initvals_from_params
+from bayes_dgme.estimators.map import initvals_from_params
 
 pytest.importorskip("pymc")
 
