@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from scipy import special
 
+from .validation import as_number_array, check_finite, check_positive
+
 __all__ = [
     "KINDS",
     "Custom",
@@ -32,39 +34,12 @@ _LOG_2PI = float(np.log(2 * np.pi))
 
 
 def _slope(value: Any, field: str = "slope") -> np.ndarray:
-    try:
-        arr = np.atleast_1d(np.asarray(value, dtype=float))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{field}: expected a vector of numbers, got {value!r}") from err
+    arr = np.atleast_1d(as_number_array(field, value))
     if arr.ndim != 1 or arr.size < 1:
         raise ValueError(f"{field}: expected a vector of length d >= 1, got shape {arr.shape}")
     if not np.isfinite(arr).all():
         raise ValueError(f"{field}: must be finite, got {arr.tolist()}")
     return arr
-
-
-def _positive(value: Any, field: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{field}: expected a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{field}: expected a number, got {value!r}") from err
-    if not np.isfinite(v) or v <= 0:
-        raise ValueError(f"{field}: must be a finite number > 0, got {value!r}")
-    return v
-
-
-def _finite(value: Any, field: str) -> float:
-    if isinstance(value, bool):
-        raise ValueError(f"{field}: expected a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{field}: expected a number, got {value!r}") from err
-    if not np.isfinite(v):
-        raise ValueError(f"{field}: must be finite, got {value!r}")
-    return v
 
 
 class KnownFunction:
@@ -98,7 +73,7 @@ class _LinearLocation(KnownFunction):
 
     def __init__(self, slope: Any, intercept: float) -> None:
         self.slope = _slope(slope)
-        self.intercept = _finite(intercept, "intercept")
+        self.intercept = check_finite("intercept", intercept)
         self.d = self.slope.size
 
     def mean(self, X: np.ndarray) -> np.ndarray:
@@ -126,7 +101,7 @@ class GaussianExpert(_LinearLocation):
 
     def __init__(self, slope: Any, intercept: float, variance: float) -> None:
         super().__init__(slope, intercept)
-        self.variance = _positive(variance, "variance")
+        self.variance = check_positive("variance", variance)
 
     @property
     def atom(self) -> np.ndarray:
@@ -153,8 +128,8 @@ class StudentTExpert(_LinearLocation):
 
     def __init__(self, slope: Any, intercept: float, scale: float, df: float) -> None:
         super().__init__(slope, intercept)
-        self.scale = _positive(scale, "scale")
-        self.df = _positive(df, "df")
+        self.scale = check_positive("scale", scale)
+        self.df = check_positive("df", df)
 
     def logpdf(self, y, X):
         z = (np.asarray(y, dtype=float) - self.mean(X)) / self.scale
@@ -178,7 +153,7 @@ class LaplaceExpert(_LinearLocation):
 
     def __init__(self, slope: Any, intercept: float, scale: float) -> None:
         super().__init__(slope, intercept)
-        self.scale = _positive(scale, "scale")
+        self.scale = check_positive("scale", scale)
 
     def logpdf(self, y, X):
         return -np.log(2 * self.scale) - np.abs(np.asarray(y, dtype=float) - self.mean(X)) / self.scale
@@ -219,8 +194,8 @@ class NonlinearGaussian(_LinearLocation):
         if not isinstance(mean, str) or mean not in _NONLINEAR_MEANS:
             raise ValueError(f"mean: unknown link {mean!r}; choose one of {sorted(_NONLINEAR_MEANS)}")
         self.link = mean
-        self.variance = _positive(variance, "variance")
-        self.amplitude = _finite(amplitude, "amplitude")
+        self.variance = check_positive("variance", variance)
+        self.amplitude = check_finite("amplitude", amplitude)
         if self.amplitude == 0:
             raise ValueError("amplitude: must be non-zero (amplitude 0 is a Gaussian expert with zero slope)")
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from .data import check_data
 from .known import KnownFunction, log_density
-from .params import Params, _logsumexp
+from .params import Params, logsumexp
 
 __all__ = ["log_joint_terms", "loglik", "loglik_pointwise"]
 
@@ -73,7 +73,7 @@ def _chunked(params: Params, X, Y, log_g0, reduce_n: bool) -> np.ndarray:
     out = np.empty((size,) if reduce_n else (size, n))
     for start in range(0, size, step):
         part = flat[start:start + step] if batch else flat
-        point = _logsumexp(_terms(part, X, Y, log_g0), axis=-1)
+        point = logsumexp(_terms(part, X, Y, log_g0), axis=-1)
         val = point.sum(axis=-1) if reduce_n else point
         out[start:start + step] = val
     if not batch:

@@ -12,10 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .validation import as_number_array
+
 if TYPE_CHECKING:  # pragma: no cover
     from .known import KnownFunction
 
-__all__ = ["GATINGS", "Params", "Truth"]
+__all__ = ["GATINGS", "Params", "Truth", "logsumexp"]
 
 GATINGS = ("constant", "softmax")
 
@@ -24,11 +26,8 @@ SIMPLEX_ATOL = 1e-6
 
 
 def _as_float_array(name: str, value: Any) -> np.ndarray:
-    try:
-        arr = np.asarray(value, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name}: cannot be read as an array of numbers ({value!r})") from err
-    return arr
+    # one rule for numbers (bayes_dgme.validation): strings and booleans are refused, never coerced
+    return as_number_array(name, value)
 
 
 def _describe_bad(name: str, arr: np.ndarray, mask: np.ndarray, what: str) -> ValueError:
@@ -196,7 +195,7 @@ class Params:
                 logw = np.log(self.weights)
             return np.broadcast_to(logw[..., None, :], (*self.batch_shape, n, self.k))
         eta = np.einsum("nd,...kd->...nk", X, self.gate_slopes) + self.gate_intercepts[..., None, :]
-        return eta - _logsumexp(eta, axis=-1)[..., None]
+        return eta - logsumexp(eta, axis=-1)[..., None]
 
     # ------------------------------------------------------------------ batch handling
     def _fields(self) -> dict[str, np.ndarray | None]:
@@ -308,7 +307,8 @@ class Truth(Params):
         return cls(**{"weights": None, **spec, "known": known})
 
 
-def _logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+def logsumexp(a: np.ndarray, axis: int) -> np.ndarray:
+    """``log Σ exp(a)`` along ``axis``, stable, exact when every term is ``-inf`` (gives ``-inf``)."""
     m = np.max(a, axis=axis, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     with np.errstate(divide="ignore"):

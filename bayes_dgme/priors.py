@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .bounds import Bounds
+from .validation import check_positive
 
 __all__ = ["ORDERINGS", "Priors"]
 
@@ -56,10 +57,10 @@ class Priors:
         if not isinstance(self.bounds, Bounds):
             object.__setattr__(self, "bounds", Bounds.from_dict(self.bounds, field="priors.bounds"))
         for name in ("lam_alpha", "lam_beta", "dirichlet_alpha", "gate_scale"):
-            _positive(name, getattr(self, name))
+            check_positive(f"priors.{name}", getattr(self, name))
         for name in ("slope_scale", "intercept_scale", "variance_scale"):
             if getattr(self, name) is not None:
-                _positive(name, getattr(self, name))
+                check_positive(f"priors.{name}", getattr(self, name))
         if self.order not in ORDERINGS:
             raise ValueError(f"priors.order: unknown ordering {self.order!r}; choose one of {list(ORDERINGS)}")
         if not isinstance(self.mle, bool):
@@ -91,8 +92,3 @@ class Priors:
         if not self.bounds.is_unbounded:
             out["bounds"] = self.bounds.to_dict()
         return out
-
-
-def _positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
-        raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")

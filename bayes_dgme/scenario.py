@@ -1,7 +1,15 @@
-"""Scenarios: a truth, its known function, the covariate law, the fitted model and its priors.
+"""Scenarios: a truth, its known function, the covariate law, the fitted model, its priors and bounds.
 
 Scenario files are TOML (see ``models/`` in the repository). A scenario is named by its file name
 without ``.toml`` (``load_scenario("d1_exact")``) or given as a path.
+
+A **model spec** is a scenario file without ``[truth]`` (for real data): ``[known]``, ``[fit]`` and
+optionally ``[priors]``, ``[bounds]``, ``[covariates]``, ``[sampler]``. Its `Scenario.truth` is
+``None``; `Scenario.simulate` then raises, everything else (the fitted model, priors, bounds, the
+loss kind from ``known``) works.
+
+Values follow the one rule of `bayes_dgme.validation`: a number is an int or a float; strings
+(``lam = "0.6"``) and booleans (``lam = true``) are refused with a one-line error naming the key.
 """
 
 from __future__ import annotations
@@ -14,9 +22,11 @@ from typing import Any
 import numpy as np
 
 from . import known as known_mod
+from .bounds import Bounds
 from .params import GATINGS, Truth
 from .priors import Priors
 from .simulate import as_rng, simulate
+from .validation import check_choice, check_finite, check_int, check_positive, check_probability
 
 __all__ = [
     "DEFAULT_SCENARIO",
@@ -32,7 +42,7 @@ __all__ = [
 #: The scenario of the demo and of commands given no scenario.
 DEFAULT_SCENARIO = "d1_exact"
 
-_TOP_KEYS = {"name", "description", "truth", "known", "covariates", "fit", "priors", "sampler", "study"}
+_TOP_KEYS = {"name", "description", "truth", "known", "covariates", "fit", "priors", "bounds", "sampler", "study"}
 _TRUTH_KEYS = {"lam", "weights", "slopes", "intercepts", "variances", "gate_intercepts", "gate_slopes"}
 
 
@@ -51,18 +61,15 @@ class Covariates:
     sd: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.distribution not in ("uniform", "normal"):
-            raise ScenarioError(
-                f"covariates.distribution: unknown {self.distribution!r}; choose 'uniform' or 'normal'"
-            )
-        for name in ("low", "high", "mean", "sd"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v):
-                raise ScenarioError(f"covariates.{name}: expected a finite number, got {v!r}")
+        try:
+            check_choice("covariates.distribution", self.distribution, ("uniform", "normal"))
+            for name in ("low", "high", "mean"):
+                object.__setattr__(self, name, check_finite(f"covariates.{name}", getattr(self, name)))
+            object.__setattr__(self, "sd", check_positive("covariates.sd", self.sd))
+        except ValueError as err:
+            raise ScenarioError(str(err)) from None
         if self.distribution == "uniform" and not self.low < self.high:
             raise ScenarioError(f"covariates.low: must be < high, got low={self.low}, high={self.high}")
-        if self.sd <= 0:
-            raise ScenarioError(f"covariates.sd: must be > 0, got {self.sd}")
 
     def draw(self, n: int, d: int, rng: np.random.Generator) -> np.ndarray:
         if self.distribution == "uniform":
@@ -81,23 +88,25 @@ class SamplerSettings:
     target_accept: float = 0.9
 
     def __post_init__(self) -> None:
-        for name in ("draws", "tune", "chains"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "tune" else 1):
-                raise ScenarioError(f"sampler.{name}: expected a positive integer, got {v!r}")
-        if self.sampler not in ("nutpie", "pymc", "numpyro", "blackjax"):
-            raise ScenarioError(f"sampler.sampler: unknown sampler {self.sampler!r}")
-        ta = self.target_accept
-        if isinstance(ta, bool) or not isinstance(ta, (int, float)) or not 0 < ta < 1:
-            raise ScenarioError(f"sampler.target_accept: must lie in (0, 1), got {self.target_accept!r}")
+        try:
+            for name in ("draws", "tune", "chains"):
+                check_int(f"sampler.{name}", getattr(self, name), 0 if name == "tune" else 1)
+            check_choice("sampler.sampler", self.sampler, ("nutpie", "pymc", "numpyro", "blackjax"))
+            object.__setattr__(self, "target_accept",
+                               check_probability("sampler.target_accept", self.target_accept))
+        except ValueError as err:
+            raise ScenarioError(str(err)) from None
 
 
 @dataclass(frozen=True)
 class Scenario:
-    """A complete simulation setting."""
+    """A complete simulation setting, or (``truth=None``) a model spec for real data.
+
+    ``bounds`` is the box of the priors (`Priors.bounds`); set either, not both differently.
+    """
 
     name: str
-    truth: Truth
+    truth: Truth | None
     k: int
     gating: str = "constant"
     priors: Priors = field(default_factory=Priors)
@@ -106,50 +115,99 @@ class Scenario:
     description: str = ""
     study: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    known: known_mod.KnownFunction | None = None
+    bounds: Bounds | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ScenarioError(f"fit.k: expected an integer >= 1, got {self.k!r}")
-        if self.gating not in GATINGS:
+        try:
+            check_int("fit.k", self.k, 1)
+        except ValueError as err:
+            raise ScenarioError(str(err)) from None
+        if not isinstance(self.gating, str) or self.gating not in GATINGS:
             raise ScenarioError(f"fit.gating: unknown gating {self.gating!r}; choose one of {list(GATINGS)}")
-        if self.truth.gating != self.gating:
+        if self.truth is not None and not isinstance(self.truth, Truth):
+            raise ScenarioError(f"truth: expected a bayes_dgme.Truth or None, got {type(self.truth).__name__}")
+        known = self.known if self.known is not None else (self.truth.known if self.truth is not None else None)
+        if not isinstance(known, known_mod.KnownFunction):
+            raise ScenarioError("known: a scenario needs its known function g0 (a [known] table)")
+        if self.truth is not None and self.known is not None and self.truth.known is not self.known:
+            raise ScenarioError("known: give g0 once (the truth's known function or known=), not two different ones")
+        object.__setattr__(self, "known", known)
+        if not isinstance(self.priors, Priors):
+            raise ScenarioError(f"priors: expected a bayes_dgme.Priors, got {type(self.priors).__name__}")
+        if self.bounds is None:
+            object.__setattr__(self, "bounds", self.priors.bounds)
+        else:
+            if not isinstance(self.bounds, Bounds):
+                object.__setattr__(self, "bounds", Bounds.from_dict(self.bounds))
+            if not self.priors.bounds.is_unbounded and self.priors.bounds != self.bounds:
+                raise ScenarioError("bounds: set in [bounds] and in priors.bounds with different values; keep one")
+            object.__setattr__(self, "priors", self.priors.replace(bounds=self.bounds))
+        if self.truth is not None and self.truth.gating != self.gating:
             raise ScenarioError(
                 f"fit.gating: the truth uses {self.truth.gating} gating but the fit asks for {self.gating}"
             )
-        if self.gating == "softmax" and not self.truth.known.distinguishable:
+        if self.gating == "softmax" and not known.distinguishable:
             raise ScenarioError(
                 "known.kind: softmax gating with a Gaussian-expert g0 has no Voronoi loss defined yet "
                 "(DESIGN.md 4.3); use a distinguishable g0"
             )
 
     @property
-    def d(self) -> int:
-        return self.truth.d
+    def has_truth(self) -> bool:
+        """Whether the scenario carries a truth (``False`` for a model spec of real data)."""
+        return self.truth is not None
+
+    @property
+    def d(self) -> int | None:
+        """Number of covariates: the truth's, else g0's, else ``None`` (any ``d``)."""
+        if self.truth is not None:
+            return self.truth.d
+        return getattr(self.known, "d", None)
 
     @property
     def loss_kind(self) -> str:
-        """``"D1"`` (distinguishable g0) or ``"D2"`` (Gaussian-expert g0)."""
-        return "D1" if self.truth.known.distinguishable else "D2"
+        """``"D1"`` (distinguishable g0) or ``"D2"`` (Gaussian-expert g0); from ``known``, truth or not."""
+        return "D1" if self.known.distinguishable else "D2"
 
     @property
-    def fit_kind(self) -> str:
-        """``"exact"``, ``"over"`` or ``"under"``-fitted."""
+    def fit_kind(self) -> str | None:
+        """``"exact"``, ``"over"`` or ``"under"``-fitted; ``None`` without a truth."""
+        if self.truth is None:
+            return None
         return "exact" if self.k == self.truth.k else ("over" if self.k > self.truth.k else "under")
 
     def simulate(self, n: int, seed=None, return_labels: bool = False):
-        """Simulate ``n`` rows with this scenario's covariate law; see `bayes_dgme.simulate`."""
+        """Simulate ``n`` rows with this scenario's covariate law; see `bayes_dgme.simulate`.
+
+        Raises `ScenarioError` for a model spec without ``[truth]``.
+        """
+        if self.truth is None:
+            raise ScenarioError(
+                f"truth: scenario {self.name!r} has no [truth] table (a model spec for real data), "
+                "so it cannot simulate; fit it to data instead"
+            )
         rng = as_rng(seed)
         return simulate(self.truth, n, seed=rng, x=lambda m, r: self.covariates.draw(m, self.d, r),
                         return_labels=return_labels)
 
     def to_dict(self) -> dict[str, Any]:
-        truth = self.truth.to_dict()
-        known = truth.pop("known")
-        return {
-            "name": self.name, "description": self.description, "truth": truth, "known": known,
+        """The scenario laid out as a scenario file (``truth`` left out of a model spec)."""
+        out: dict[str, Any] = {"name": self.name, "description": self.description}
+        if self.truth is not None:
+            truth = self.truth.to_dict()
+            truth.pop("known")
+            out["truth"] = truth
+        priors = self.priors.to_dict()
+        priors.pop("bounds", None)
+        out.update({
+            "known": self.known.to_dict(),
             "covariates": dict(self.covariates.__dict__), "fit": {"k": self.k, "gating": self.gating},
-            "priors": self.priors.to_dict(), "sampler": dict(self.sampler.__dict__), "study": dict(self.study),
-        }
+            "priors": priors, "sampler": dict(self.sampler.__dict__), "study": dict(self.study),
+        })
+        if not self.bounds.is_unbounded:
+            out["bounds"] = self.bounds.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any], name: str | None = None, path: Path | None = None) -> Scenario:
@@ -167,19 +225,21 @@ class Scenario:
         if not isinstance(spec, dict):
             raise ScenarioError(f"scenario: expected a table, got {type(spec).__name__}")
         _no_unknown("", spec, _TOP_KEYS)
-        for required in ("truth", "known", "fit"):
+        for required in ("known", "fit"):
             if required not in spec:
                 raise ScenarioError(f"[{required}]: missing table")
-        truth_spec = _table("truth", spec["truth"])
-        _no_unknown("truth", truth_spec, _TRUTH_KEYS)
-        for required in ("lam", "slopes", "intercepts", "variances"):
-            if required not in truth_spec:
-                raise ScenarioError(f"truth.{required}: missing")
         known = known_mod.from_dict(_table("known", spec["known"]))
-        try:
-            truth = Truth(**{"weights": None, **truth_spec}, known=known)
-        except ValueError as err:
-            raise ScenarioError(f"truth.{err}") from None
+        truth = None
+        if "truth" in spec:
+            truth_spec = _table("truth", spec["truth"])
+            _no_unknown("truth", truth_spec, _TRUTH_KEYS)
+            for required in ("lam", "slopes", "intercepts", "variances"):
+                if required not in truth_spec:
+                    raise ScenarioError(f"truth.{required}: missing")
+            try:
+                truth = Truth(**{"weights": None, **truth_spec}, known=known)
+            except ValueError as err:
+                raise ScenarioError(f"truth.{err}") from None
         fit = _table("fit", spec["fit"])
         _no_unknown("fit", fit, {"k", "gating"})
         if "k" not in fit:
@@ -197,15 +257,19 @@ class Scenario:
         sname = spec.get("name", name or "scenario")
         if not isinstance(sname, str) or not sname:
             raise ScenarioError(f"name: expected a non-empty string, got {sname!r}")
+        priors = Priors.from_dict(spec.get("priors"))
+        bounds = Bounds.from_dict(spec["bounds"]) if "bounds" in spec else None
+        if bounds is not None and not priors.bounds.is_unbounded:
+            raise ScenarioError("bounds: give the box once, in [bounds] (not also in [priors])")
         return cls(
             name=sname, truth=truth, k=fit["k"], gating=fit.get("gating", "constant"),
-            priors=Priors.from_dict(spec.get("priors")), covariates=Covariates(**cov),
-            sampler=SamplerSettings(**sampler), description=description, study=study, path=path,
+            priors=priors, covariates=Covariates(**cov), sampler=SamplerSettings(**sampler),
+            description=description, study=study, path=path, known=known, bounds=bounds,
         )
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return isinstance(v, int) and not isinstance(v, bool)  # any size: seeds >= 2**64 are fine
 
 
 def _check_study(study: dict[str, Any]) -> None:

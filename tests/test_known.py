@@ -139,7 +139,7 @@ def test_from_dict_defaults_of_optional_keys():
         ({"kind": "laplace", "slope": [0.0], "intercept": 0.0, "scale": 1.0, "df": 3},
          r"^known: unknown key\(s\) \['df'\] for kind 'laplace'"),
         ({"kind": "laplace", "slope": [0.0], "intercept": 0.0, "scale": -1.0}, r"^known\.scale: must be"),
-        ({"kind": "laplace", "slope": "abc", "intercept": 0.0, "scale": 1.0}, r"^known\.slope: expected a vector"),
+        ({"kind": "laplace", "slope": "abc", "intercept": 0.0, "scale": 1.0}, r"^known\.slope: expected numbers"),
         ({"kind": "laplace", "slope": [[1.0], [2.0]], "intercept": 0.0, "scale": 1.0}, r"^known\.slope: expected a"),
         ({"kind": "laplace", "slope": [np.nan], "intercept": 0.0, "scale": 1.0}, r"^known\.slope: must be finite"),
         ({"kind": "laplace", "slope": [1.0], "intercept": "x", "scale": 1.0}, r"^known\.intercept: expected a number"),

@@ -59,7 +59,7 @@ def test_edges_of_the_valid_range_are_accepted():
         (dict(lam=-0.1), "lam", "[0, 1]"),
         (dict(lam=1.5), "lam", "[0, 1]"),
         (dict(lam=np.nan), "lam", "finite"),
-        (dict(lam="abc"), "lam", "array of numbers"),
+        (dict(lam="abc"), "lam", "expected numbers"),
         (dict(weights=[0.3, 0.6]), "weights", "sum to 1"),
         (dict(weights=[-0.1, 1.1]), "weights", ">= 0"),
         (dict(weights=[0.4, np.inf]), "weights", "finite"),
@@ -75,9 +75,9 @@ def test_edges_of_the_valid_range_are_accepted():
         (dict(slopes=np.zeros((0, 1))), "slopes", "k >= 1"),
         (dict(slopes=np.zeros((2, 0))), "slopes", "d >= 1"),
         (dict(slopes=[[np.nan], [1.0]]), "slopes", "finite"),
-        (dict(slopes=None), "slopes", "(k, d)"),
-        (dict(intercepts=None), "intercepts", "trailing shape"),
-        (dict(variances=None), "variances", "trailing shape"),
+        (dict(slopes=None), "slopes", "expected numbers"),
+        (dict(intercepts=None), "intercepts", "expected numbers"),
+        (dict(variances=None), "variances", "expected numbers"),
     ],
 )
 def test_validation_errors_name_the_field(changes, field, fragment):
@@ -255,3 +255,21 @@ def test_log_gates_checks_X():
     with pytest.raises(ValueError, match=r"^X: expected shape \(n, d=1\)"):
         bd.Params(**BASE).log_gates(np.zeros((4, 3)))
     assert p.log_gates(np.zeros(4)).shape == (4, 2)  # a 1-d X is one covariate
+
+
+@pytest.mark.parametrize("field,value", [("lam", True), ("lam", "0.6"), ("variances", ["0.3", "0.5"]),
+                                         ("weights", [True, False]), ("intercepts", np.array([True, False])),
+                                         ("slopes", [["1"], [2.0]])])
+def test_strings_and_booleans_are_not_numbers(field, value):
+    # one rule (bayes_dgme.validation): never coerced, one line naming the field
+    with pytest.raises(ValueError, match=r"^" + field + r": expected numbers") as info:
+        bd.Params(**with_(BASE, **{field: value}))
+    assert "\n" not in str(info.value)
+    known = bd.known.GaussianExpert(slope=[0.5], intercept=0.0, variance=1.0)
+    with pytest.raises(ValueError, match=r"^" + field + r": expected numbers"):
+        bd.Truth(**with_(BASE, **{field: value}), known=known)
+
+
+def test_numpy_numbers_are_numbers():
+    p = bd.Params(**with_(BASE, lam=np.float32(0.25), intercepts=np.array([1, 2], dtype=np.int64)))
+    assert float(p.lam) == 0.25 and p.intercepts.dtype == float
