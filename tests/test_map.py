@@ -87,3 +87,17 @@ def test_map_input_errors(d1_data):
         bd.fit_map(X, Y, known, 2, priors="flat")
     with pytest.raises(ValueError, match="restarts: "):
         bd.fit_map(X, Y, known, 2, restarts=-1)
+
+
+def test_bounded_map_is_the_bounded_mle(d1_data):
+    sc, X, Y, _ = d1_data
+    # a box that cuts the truth (slopes -2, 1.5; variances 0.3, 0.5): the constrained MLE sits on it.
+    # EM solves the same constrained problem exactly; both must agree (1e-3 as in the MLE-mode test).
+    box = bd.Bounds(slope=(-1.5, 1.2), intercept=(-2.0, 2.0), variance=(0.4, 3.0))
+    em = bd.fit_em(X, Y, sc.truth.known, 2, seed=0, restarts=4, tol=1e-12, bounds=box, warn=False)
+    mp = bd.fit_map(X, Y, sc.truth.known, 2, seed=1, restarts=2, bounds=box)
+    assert mp.info["in_bounds"] and mp.info["bounds"] == box.to_dict()
+    assert bd.estimators.params_in_bounds(mp.params, box, atol=1e-9)
+    assert mp.loglik == pytest.approx(em.loglik, abs=1e-3)
+    np.testing.assert_allclose(mp.params.slopes, em.params.slopes, atol=5e-3)
+    assert len(mp.info["restart_seconds"]) == 2 and mp.info["compile_seconds"] > 0
