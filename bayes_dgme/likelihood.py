@@ -12,6 +12,7 @@ import numpy as np
 from .data import check_data
 from .known import KnownFunction, log_density
 from .params import Params, logsumexp
+from .validation import as_number_array
 
 __all__ = ["log_joint_terms", "loglik", "loglik_pointwise"]
 
@@ -28,10 +29,7 @@ def _check(params: Params, X, Y, known: KnownFunction, log_g0: np.ndarray | None
         if known is None:
             raise ValueError("known: required (the known function g0) unless log_g0 is given")
         return X, Y, log_density(known, Y, X)
-    try:
-        log_g0 = np.asarray(log_g0, dtype=float)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"log_g0: cannot be read as an array of numbers ({err})") from None
+    log_g0 = as_number_array("log_g0", log_g0)
     if log_g0.shape != Y.shape:
         raise ValueError(f"log_g0: expected shape ({Y.shape[0]},) like Y, got shape {log_g0.shape}")
     bad = ~np.isfinite(log_g0)

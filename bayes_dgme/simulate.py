@@ -8,6 +8,7 @@ import numpy as np
 
 from .data import check_data
 from .params import Truth
+from .validation import check_int
 
 __all__ = ["as_rng", "simulate"]
 
@@ -46,9 +47,7 @@ def simulate(truth: Truth, n: int, seed=None, x: np.ndarray | Callable | None = 
     """
     if not isinstance(truth, Truth):
         raise ValueError(f"truth: expected a bayes_dgme.Truth, got {type(truth).__name__}")
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n: expected a positive integer, got {n!r}")
-    n = int(n)
+    n = check_int("n", n, 1)
     rng = as_rng(seed)
     d = truth.d
     if x is None:

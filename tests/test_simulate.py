@@ -92,12 +92,12 @@ def test_given_covariates_are_used():
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [
-        (dict(n=0), r"^n: expected a positive integer, got 0"),
-        (dict(n=-5), r"^n: expected a positive integer"),
-        (dict(n=2.5), r"^n: expected a positive integer"),
-        (dict(n=10.0), r"^n: expected a positive integer"),
-        (dict(n=True), r"^n: expected a positive integer"),
-        (dict(n="10"), r"^n: expected a positive integer"),
+        (dict(n=0), r"^n: expected an integer >= 1, got 0"),
+        (dict(n=-5), r"^n: expected an integer"),
+        (dict(n=2.5), r"^n: expected an integer"),
+        (dict(n=10.0), r"^n: expected an integer"),
+        (dict(n=True), r"^n: expected an integer"),
+        (dict(n="10"), r"^n: expected an integer"),
         (dict(n=5, x=np.zeros((4, 1))), r"^x: expected covariates of shape \(5, 1\), got shape \(4, 1\)"),
         (dict(n=5, x=np.zeros((5, 2))), r"^x: expected covariates of shape \(5, 1\)"),
         (dict(n=5, x=lambda n, rng: np.zeros((n, 3))), r"^x: expected covariates of shape \(5, 1\)"),
