@@ -105,9 +105,10 @@ class _Compiled:
     PARAM_NAMES = ("lam", "weights", "slopes", "intercepts", "variances", "gate_intercepts", "gate_slopes")
 
     def __init__(self, model) -> None:
-        import pytensor
         import pytensor.tensor as pt
+        from pymc.pytensorf import compile as pm_compile
         from pymc.pytensorf import join_nonshared_inputs
+        from pymc.tuning.scipy_interface import scipy_optimize_funcs_from_loss
 
         self.model = model
         self.value_vars = list(model.continuous_value_vars)
@@ -115,29 +116,28 @@ class _Compiled:
             raise ValueError("model: fit_map needs a model whose free variables are all continuous")
         point = model.initial_point()
         self.names = [v.name for v in self.value_vars]
-        self.shapes = [np.shape(point[n]) for n in self.names]
-        self.sizes = [int(np.prod(sh)) for sh in self.shapes]
-        logp = model.logp(jacobian=False)
+        self.value_shapes = [np.shape(point[n]) for n in self.names]
+        # the objective and gradient exactly as pm.find_MAP compiles them, but once
+        self._fg, _ = scipy_optimize_funcs_from_loss(
+            loss=-model.logp(jacobian=False), inputs=self.value_vars, initial_point_dict=point,
+            use_grad=True, use_hess=False, use_hessp=False)
         named = [model[n] for n in self.PARAM_NAMES if n in model.named_vars]
         self.out_names = [o.name for o in named]
-        outs = model.replace_rvs_by_values(named)
-        [logp_j, *outs_j], x = join_nonshared_inputs(point, [logp, *outs], self.value_vars)
-        grad = pytensor.grad(logp_j, x)
-        self._fg = pytensor.function([x], [-logp_j, -grad], on_unused_input="ignore")
-        self._params = pytensor.function([x], outs_j, on_unused_input="ignore")
+        outs_j, x = join_nonshared_inputs(point, model.replace_rvs_by_values(named), self.value_vars)
+        self._params = pm_compile([x], outs_j, on_unused_input="ignore")
         # constrained -> unconstrained, for every free variable at once
         rvs = [model.values_to_rvs[v] for v in self.value_vars]
         self.transforms = [model.rvs_to_transforms.get(rv) for rv in rvs]
         self.rv_names = [rv.name for rv in rvs]
         back = [v if tr is None else tr.backward(v, *rv.owner.inputs)
                 for v, tr, rv in zip(self.value_vars, self.transforms, rvs)]
-        constrained = pytensor.function(self.value_vars, back, on_unused_input="ignore")(
+        constrained = pm_compile(self.value_vars, back, on_unused_input="ignore")(
             *[point[n] for n in self.names])
         self.initial = {rv.name: np.asarray(c) for rv, c in zip(rvs, constrained)}
         cons = [pt.tensor(dtype=v.dtype, shape=np.shape(self.initial[rv.name]), name=rv.name)
                 for v, rv in zip(self.value_vars, rvs)]
         fwd = [c if tr is None else tr.forward(c, *rv.owner.inputs) for c, tr, rv in zip(cons, self.transforms, rvs)]
-        self._forward = pytensor.function(cons, fwd, on_unused_input="ignore")
+        self._forward = pm_compile(cons, fwd, on_unused_input="ignore")
 
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         f, g = self._fg(x)
@@ -166,7 +166,7 @@ class _Compiled:
         if bounds.is_unbounded:
             return None
         out: list[tuple[float | None, float | None]] = []
-        for name, tr, sh in zip(self.rv_names, self.transforms, self.shapes):
+        for name, tr, sh in zip(self.rv_names, self.transforms, self.value_shapes):
             lo = np.full(sh, -np.inf)
             hi = np.full(sh, np.inf)
             if name == "slopes_z" and tr is None and bounds.slope is not None:
