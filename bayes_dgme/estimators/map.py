@@ -124,20 +124,20 @@ class _Compiled:
         named = [model[n] for n in self.PARAM_NAMES if n in model.named_vars]
         self.out_names = [o.name for o in named]
         outs_j, x = join_nonshared_inputs(point, model.replace_rvs_by_values(named), self.value_vars)
-        self._params = pm_compile([x], outs_j, on_unused_input="ignore")
+        self._params = pm_compile([x], outs_j, on_unused_input="ignore", mode="FAST_COMPILE")
         # constrained -> unconstrained, for every free variable at once
         rvs = [model.values_to_rvs[v] for v in self.value_vars]
         self.transforms = [model.rvs_to_transforms.get(rv) for rv in rvs]
         self.rv_names = [rv.name for rv in rvs]
         back = [v if tr is None else tr.backward(v, *rv.owner.inputs)
                 for v, tr, rv in zip(self.value_vars, self.transforms, rvs)]
-        constrained = pm_compile(self.value_vars, back, on_unused_input="ignore")(
+        constrained = pm_compile(self.value_vars, back, on_unused_input="ignore", mode="FAST_COMPILE")(
             *[point[n] for n in self.names])
         self.initial = {rv.name: np.asarray(c) for rv, c in zip(rvs, constrained)}
         cons = [pt.tensor(dtype=v.dtype, shape=np.shape(self.initial[rv.name]), name=rv.name)
                 for v, rv in zip(self.value_vars, rvs)]
         fwd = [c if tr is None else tr.forward(c, *rv.owner.inputs) for c, tr, rv in zip(cons, self.transforms, rvs)]
-        self._forward = pm_compile(cons, fwd, on_unused_input="ignore")
+        self._forward = pm_compile(cons, fwd, on_unused_input="ignore", mode="FAST_COMPILE")
 
     def value_and_grad(self, x: np.ndarray) -> tuple[float, np.ndarray]:
         f, g = self._fg(x)
