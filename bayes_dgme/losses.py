@@ -67,6 +67,7 @@ _MULTI_STARTS = 3
 _MULTI_ROUNDS = 6
 _IRLS_ITERS = 80
 _IRLS_BACKTRACK = 8
+_COMPASS_ITERS = 400
 
 
 # ----------------------------------------------------------------------------------------------- r̄
@@ -488,26 +489,39 @@ class _Softmax:
 
     def _minimise_multi(self):
         # d >= 3 (or too many assignments for d = 2): a local search, not proven global. Candidates: every
-        # alignment β1*_j − β1_i and the centroid alignment (exact G at each). From the best few,
-        # alternate: fix the cells at the current c1, minimise the convex G_σ of those cells over R^d
-        # (safeguarded IRLS/Weiszfeld steps), re-evaluate G (cells recomputed) there.
+        # alignment β1*_j − β1_i and the centroid alignment (exact G at each). From the best few: fix the
+        # cells, minimise the convex G_σ of those cells over R^d (safeguarded IRLS/Weiszfeld steps), keep
+        # it if G (cells recomputed) improves; then a compass search on G itself (steps ±h along each
+        # axis, h halved when no step improves) polishes across region boundaries.
         al = self.alignments()
         cen = (np.mean(self.Bstar, axis=0) - np.mean(self.B, axis=-2))[..., None, :]
         cand = np.concatenate([al, cen], axis=-2)  # batch + (n, d)
         G0 = self.evaluate(cand)
         order = np.argsort(G0, axis=-1, kind="stable")[..., :min(_MULTI_STARTS, cand.shape[-2])]
         c = np.take_along_axis(cand, order[..., None], axis=-2)  # batch + (s, d)
-        best_c, best_g = cand, G0
-        prev_cell = None
+        g = np.take_along_axis(G0, order, axis=-1)
         for _ in range(_MULTI_ROUNDS):
-            parts = self.parts(self.cells_at(c))
-            if prev_cell is not None and np.array_equal(parts["cell"], prev_cell):
+            trial = _region_minimum(self.parts(self.cells_at(c)))
+            gt = self.evaluate(trial)
+            better = gt < g
+            c = np.where(better[..., None], trial, c)
+            g = np.where(better, gt, g)
+        span = 1.0 + np.max(np.abs(al - cen), axis=(-2, -1))  # batch
+        h = np.broadcast_to(span[..., None], g.shape).copy()
+        steps = np.concatenate([np.eye(self.d), -np.eye(self.d)])  # (2d, d)
+        for _ in range(_COMPASS_ITERS):
+            trial = c[..., None, :] + h[..., None, None] * steps  # batch + (s, 2d, d)
+            flat = trial.reshape(self.batch + (-1, self.d))
+            gt = self.evaluate(flat).reshape(trial.shape[:-1])
+            j = np.argmin(gt, axis=-1)
+            gj = np.take_along_axis(gt, j[..., None], -1)[..., 0]
+            better = gj < g
+            c = np.where(better[..., None], np.take_along_axis(trial, j[..., None, None], -2)[..., 0, :], c)
+            g = np.where(better, gj, g)
+            h = np.where(better, h, h / 2.0)
+            if np.all(h < 1e-10 * span[..., None]):
                 break
-            c = _region_minimum(parts)
-            prev_cell = parts["cell"]
-            best_c = np.concatenate([best_c, c], axis=-2)
-            best_g = np.concatenate([best_g, self.evaluate(c)], axis=-1)
-        return self._best(best_g, best_c, self.cells_at(best_c))
+        return self._best(g, c, self.cells_at(c))
 
 
 def _golden(f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -569,7 +583,7 @@ def _softmax(est: Params, truth: Truth, spec: RbarSpec) -> _Detail:
     G, c1, cell = sm.minimise()
     parts = sm.parts(cell[..., None, :])
     one = lambda a: a[..., 0, :]  # noqa: E731  drop the candidate axis
-    dg = _norm(one(parts["u"]) + c1[..., None, :])
+    dg = _norm(parts["u"][..., 0, :, :] + c1[..., None, :])
     masses = one(parts["S"])
     return _Detail(
         loss=G, cell=cell, sizes=one(parts["sizes"]), masses=masses, omega=sm.omega,
