@@ -6,7 +6,8 @@ Run:  .venv/bin/python benchmarks/bench_losses.py [--draws 4000] [--repeat 7]
 Targets (issue 3): at least 100x faster than the loop and under 20 ms (constant gating, D1 and D2). The
 softmax loss (exact minimum over the gate-slope translation, d = 1) is timed too, without a target.
 The loop calls the same public function once per draw on per-draw `Params` built *before* the clock
-starts, so it measures loss calls only. Timings are the best of ``--repeat`` runs (the loop: best of 3) with `time.perf_counter`.
+starts, so it measures loss calls only. Timings are the best of ``--repeat`` runs (the loop: best of 3)
+with `time.perf_counter`.
 """
 
 from __future__ import annotations
