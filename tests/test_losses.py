@@ -716,3 +716,21 @@ def test_weighted_error_ignores_emptied_atom():
     assert err.size.tolist() == [2] and err.slope[0] == pytest.approx(5.0)
     assert err.slope_weighted[0] == pytest.approx((0.01 * (1 - 2e-6) + 5.0 * 2e-6), rel=1e-9)
     assert set(err.as_dict()) >= {"slope", "slope_weighted", "cell_mass"}
+
+
+@pytest.mark.parametrize("d", [1, 2])
+def test_softmax_gauge_and_label_invariance(d):
+    """Shifting either side's gate intercepts (β0) and gate slopes (β1) by a common amount, or relabelling
+    either side's atoms, leaves the loss unchanged (d = 1 and d = 2: both exact searches)."""
+    rng = np.random.default_rng(40 + d)
+    truth = random_truth(rng, 2, d, gating="softmax")
+    est = bd.Params(**random_params(rng, 3, d, batch=(2,), gating="softmax", spread=1.5))
+    base = bd.voronoi_loss(est, truth)
+    c0, c1 = 2.5, rng.normal(size=d) * 2
+    np.testing.assert_allclose(bd.voronoi_loss(shifted_gates(est, c0, c1), truth), base, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(bd.voronoi_loss(est, shifted_gates(truth, -c0, -c1)), base, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(bd.voronoi_loss(permuted(est, [2, 0, 1]), truth), base, rtol=1e-9, atol=1e-12)
+    t = truth
+    rev = bd.Truth(lam=t.lam, weights=None, gate_intercepts=t.gate_intercepts[::-1], gate_slopes=t.gate_slopes[::-1],
+                   slopes=t.slopes[::-1], intercepts=t.intercepts[::-1], variances=t.variances[::-1], known=t.known)
+    np.testing.assert_allclose(bd.voronoi_loss(est, rev), base, rtol=1e-9, atol=1e-12)
