@@ -165,7 +165,17 @@ def _as_result(x: np.ndarray) -> np.ndarray | float:
 
 
 def _norm(x: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.sum(x * x, axis=-1))
+    return np.sqrt(_sum_last(x * x))
+
+
+def _sum_last(x: np.ndarray) -> np.ndarray:
+    """Sum over a short last axis by slices (numpy's reduction over a tiny trailing axis is slow)."""
+    if x.shape[-1] > 8:
+        return np.sum(x, axis=-1)
+    out = x[..., 0].copy()
+    for i in range(1, x.shape[-1]):
+        out += x[..., i]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- constant gating
@@ -318,7 +328,7 @@ class _Softmax:
     def value(parts: dict, c1: np.ndarray) -> np.ndarray:
         """``G_σ(c1)`` with the cells of ``parts`` (``c1``: ``batch + (m, d)``) -> ``batch + (m,)``."""
         dg = _norm(parts["u"] + c1[..., None, :])
-        return parts["M"] + np.sum(parts["omega"] * (parts["K"] + dg ** parts["p"]), axis=-1)
+        return parts["M"] + _sum_last(parts["omega"] * (parts["K"] + dg ** parts["p"]))
 
     def evaluate(self, c1: np.ndarray) -> np.ndarray:
         """The loss at translations ``c1`` (``batch + (m, d)``), cells by the tie rule."""
@@ -368,9 +378,17 @@ class _Softmax:
         u = parts["u"][..., 0]  # batch + (P, k)
         w, p = parts["omega"], parts["p"]
 
+        p1, p4 = p == 1.0, p == 4.0
+        fast = bool(np.all(p1 | p4 | (p == 6.0)))  # the default table: avoid float powers (slow)
+
         def slope(x: np.ndarray) -> np.ndarray:  # derivative of G on each piece, x: batch + (P,)
             z = u + x[..., None]
-            return np.sum(w * p * np.abs(z) ** (p - 1.0) * np.sign(z), axis=-1)
+            if fast:
+                z3 = z * z * z
+                dz = np.where(p1, np.sign(z), np.where(p4, 4.0 * z3, 6.0 * z3 * z * z))
+            else:
+                dz = p * np.abs(z) ** (p - 1.0) * np.sign(z)
+            return _sum_last(w * dz)
 
         a, c = lo.copy(), hi.copy()
         for _ in range(_BISECT_ITERS):
