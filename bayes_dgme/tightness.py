@@ -266,8 +266,8 @@ class Path:
     name : str
         Label (used in tables and legends).
     kind : str
-        One of ``"one_atom"``, ``"cancelling_pair"``, ``"onto_g0"``, ``"cancelling_pair_g0"``, ``"masses"``,
-        ``"lambda"``, ``"gate_slopes"``.
+        One of ``"one_atom"``, ``"cancelling_pair"``, ``"cancelling_triple"``, ``"onto_g0"``,
+        ``"cancelling_pair_g0"``, ``"masses"``, ``"lambda"``, ``"gate_slopes"``.
     truth : Truth
         The truth the path converges to.
     build : callable
@@ -322,9 +322,9 @@ def tightness_paths(truth: Truth, kinds: tuple[str, ...] | None = None, seed: in
     truth : Truth
         Exact-fitted truth. Over-fitted paths split one of its atoms into two fitted atoms.
     kinds : tuple of str, optional
-        Subset of ``("one_atom", "cancelling_pair", "onto_g0", "cancelling_pair_g0", "masses", "lambda",
-        "gate_slopes")``; default: every kind that applies (``onto_g0`` kinds need a Gaussian-expert g0,
-        ``gate_slopes`` softmax gating).
+        Subset of ``("one_atom", "cancelling_pair", "cancelling_triple", "onto_g0", "cancelling_pair_g0",
+        "masses", "lambda", "gate_slopes")``; default: every kind that applies (``onto_g0`` kinds need a
+        Gaussian-expert g0, ``gate_slopes`` softmax gating).
     seed : int
         Seed of the (fixed) random directions.
 
@@ -334,7 +334,8 @@ def tightness_paths(truth: Truth, kinds: tuple[str, ...] | None = None, seed: in
         ``one_atom``: atom 0 moves by ``t u`` in every coordinate (a random unit direction); the cell is
         a singleton, ``D`` linear. ``cancelling_pair``: the heaviest atom is split into two fitted atoms
         (masses 0.45/0.55 of it) that move by ``(t s_i, t² q_i)`` in (intercept, variance), the direction
-        solving the moment system up to order ``r̄(2) − 1`` (`cancelling_direction`). ``onto_g0`` (D2): an
+        solving the moment system up to order ``r̄(2) − 1`` (`cancelling_direction`). ``cancelling_triple``:
+        the same with three atoms (0.3/0.3/0.4), orders up to ``r̄(3) − 1 = 5`` cancelled. ``onto_g0`` (D2): an
         extra fitted atom of mass 0.1 taken from ``1 − λ`` sits at ``θ0 + t u``. ``cancelling_pair_g0``
         (D2): two such atoms (0.05 + 0.06) in the cancelling direction around ``θ0``. ``masses``: mass
         ``t`` moves from atom 1 to atom 0 (softmax: gate intercept 0 shifts by ``t``). ``lambda``:
@@ -343,7 +344,7 @@ def tightness_paths(truth: Truth, kinds: tuple[str, ...] | None = None, seed: in
     known = truth.known
     gaussian_g0 = not known.distinguishable
     softmax = truth.gating == "softmax"
-    all_kinds = ["one_atom", "cancelling_pair"]
+    all_kinds = ["one_atom", "cancelling_pair", "cancelling_triple"]
     if gaussian_g0 and not softmax:
         all_kinds += ["onto_g0", "cancelling_pair_g0"]
     all_kinds += ["masses", "lambda"]
@@ -393,6 +394,24 @@ def tightness_paths(truth: Truth, kinds: tuple[str, ...] | None = None, seed: in
             return f
 
         paths.append(Path("two atoms of one cell, cancelling (r̄ = 4)", "cancelling_pair", truth, pair))
+
+    if "cancelling_triple" in kinds:
+        split3 = [0.3, 0.3, 0.4]
+        s3, q3 = cancelling_direction(np.array(split3) * masses[heavy])
+        idx3 = list(range(k)) + [heavy, heavy]
+        spl3 = [1.0] * k
+        spl3[heavy] = split3[0]
+        spl3 = spl3 + split3[1:]
+        s3_l, q3_l = s3.astype(_LD), q3.astype(_LD)
+
+        def triple(t, s=s3_l, q=q3_l, idx=idx3, spl=spl3):
+            f = _base(truth, t.size, idx, spl)
+            for col, pos in ((0, heavy), (1, k), (2, k + 1)):
+                f["intercepts"][:, pos] += t * s[col]
+                f["variances"][:, pos] += t * t * q[col]
+            return f
+
+        paths.append(Path("three atoms of one cell, cancelling (r̄ = 6)", "cancelling_triple", truth, triple))
 
     if gaussian_g0 and not softmax:
         theta0 = np.asarray(known.atom, dtype=float)

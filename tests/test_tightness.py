@@ -136,3 +136,13 @@ def test_validation():
         bd.tightness_check(bd.Truth(**FIELDS, known=G_KNOWN), path, t=T_FAST)
     with pytest.raises(ValueError, match="masses"):
         bd.cancelling_direction([1.0])
+
+
+def test_cancelling_triple_tight_with_rbar3():
+    """Three atoms of one cell in the direction cancelling orders 1..5: h ~ t^6 ~ D (r̄(3) = 6)."""
+    truth = bd.Truth(**FIELDS, known=T_KNOWN)
+    path = bd.tightness_paths(truth, kinds=("cancelling_triple",))[0]
+    res = bd.tightness_check(truth, path, t=np.logspace(-1, -2, 5), **QUAD)
+    assert res.used.all()  # D = 3.1e-7 at t = 0.1, ∝ t^6: 3e-13 at 1e-2, above the floor
+    assert np.polyfit(np.log(res.t), np.log(res.h), 1)[0] == pytest.approx(6.0, abs=0.1)
+    assert abs(res.slope) < 0.1
