@@ -375,13 +375,16 @@ class _Softmax:
         lo = np.concatenate([s[..., :1] - 1.0, s], axis=-1)  # N + 1 pieces incl. the two outer ones
         hi = np.concatenate([s, s[..., -1:] + 1.0], axis=-1)
         parts = self.parts(self.cells_at(((lo + hi) / 2.0)[..., None]))
-        u = parts["u"][..., 0]  # batch + (P, k)
-        w, p = parts["omega"], parts["p"]
-
+        # pieces with singleton cells only: G is linear there, its minimum sits at an end (evaluated
+        # below); the others need the bisection, run on those pieces only
+        need = np.any(parts["p"] > 1.0, axis=-1)  # batch + (P,)
+        u = parts["u"][..., 0][need]  # (n, k)
+        w = np.broadcast_to(parts["omega"], parts["p"].shape)[need]
+        p = parts["p"][need]
         p1, p4 = p == 1.0, p == 4.0
         fast = bool(np.all(p1 | p4 | (p == 6.0)))  # the default table: avoid float powers (slow)
 
-        def slope(x: np.ndarray) -> np.ndarray:  # derivative of G on each piece, x: batch + (P,)
+        def slope(x: np.ndarray) -> np.ndarray:  # derivative of G on each piece, x: (n,)
             z = u + x[..., None]
             if fast:
                 z3 = z * z * z
@@ -390,14 +393,19 @@ class _Softmax:
                 dz = p * np.abs(z) ** (p - 1.0) * np.sign(z)
             return _sum_last(w * dz)
 
-        a, c = lo.copy(), hi.copy()
+        a, c = lo[need], hi[need]
         for _ in range(_BISECT_ITERS):
             mid = 0.5 * (a + c)
             up = slope(mid) > 0
             c = np.where(up, mid, c)
             a = np.where(up, a, mid)
-        xm = 0.5 * (a + c)
-        G_piece = self.value(parts, xm[..., None])
+        xm = lo.copy()
+        xm[need] = 0.5 * (a + c)
+        cand = np.stack([xm, lo, hi], axis=-1)  # batch + (P, 3): the piece minimum and both ends
+        Gc = np.stack([self.value(parts, cand[..., q, None]) for q in range(3)], axis=-1)
+        q_best = np.argmin(Gc, axis=-1)[..., None]
+        G_piece = np.take_along_axis(Gc, q_best, -1)[..., 0]
+        xm = np.take_along_axis(cand, q_best, -1)[..., 0]
         G_pts = self.evaluate(s[..., None])
         G = np.concatenate([G_piece, G_pts], axis=-1)
         c1 = np.concatenate([xm, s], axis=-1)[..., None]
