@@ -45,6 +45,10 @@ _LAZY = {
     "load_results": "study",
     "contraction_rates": "rates",
     "deviation_test": "deviation",
+    "tightness_check": "tightness",
+    "tightness_paths": "tightness",
+    "density_distance": "tightness",
+    "cancelling_direction": "tightness",
 }
 
 __all__ = [
