@@ -339,12 +339,27 @@ def _flat_dist(size):
     return pm.Flat.dist(size=size)
 
 
-def _truncated_dist(lower, upper, size):
-    return pm.TruncatedNormal.dist(0.0, 1.0, lower=lower, upper=upper, size=size)
+def _truncated_logp(value, lower, upper):
+    """Standard normal truncated to ``[lower, upper]`` (the bounded standardised intercepts)."""
+    std = pm.Normal.dist(0.0, 1.0)
+    log_mass = pm.math.logdiffexp(pm.logcdf(std, upper), pm.logcdf(std, lower))
+    inside = pt.and_(pt.ge(value, lower), pt.le(value, upper))
+    return pt.switch(inside, pm.logp(std, value) - log_mass, -np.inf)
 
 
-def _uniform_dist(lower, upper, size):
-    return pm.Uniform.dist(lower, upper, size=size)
+def _truncated_random(lower, upper, rng=None, size=None):
+    from scipy import stats
+
+    return stats.truncnorm.rvs(lower, upper, size=size, random_state=rng)
+
+
+def _uniform_logp(value, lower, upper):
+    inside = pt.and_(pt.ge(value, lower), pt.le(value, upper))
+    return pt.switch(inside, -pt.log(upper - lower), -np.inf)
+
+
+def _uniform_random(lower, upper, rng=None, size=None):
+    return rng.uniform(lower, upper, size=size)
 
 
 def _spread_support_point(rv, size, *params):
@@ -359,11 +374,6 @@ def _bounded_spread_support_point(rv, size, lower, upper):
     k = rv.shape[-1]
     u = (2.0 * pt.arange(k) - (k - 1)) / pt.maximum(k - 1, 1)  # in [-1, 1]
     return 0.5 * (lower + upper) + 0.25 * (upper - lower) * u
-
-
-def _bounds_of_custom(*inputs):
-    # inputs of a CustomDist built from (lower, upper): (size, lower, upper, rng)
-    return inputs[1], inputs[2]
 
 
 def _z_variable(name, lower, upper, mle, dims, scale=1.0, positive=False):
@@ -497,11 +507,13 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
         else:
             z_lo = (ib[0] - intercept_loc) / intercept_scale
             z_hi = (ib[1] - intercept_loc) / intercept_scale
-            interval = pm.distributions.transforms.Interval(bounds_fn=_bounds_of_custom)
+            # bounds from the data containers only (no random variable), as PyMC's Interval requires
+            interval = pm.distributions.transforms.Interval(bounds_fn=lambda *_: (z_lo, z_hi))
             tr = (pm.distributions.transforms.Chain([interval, pm.distributions.transforms.ordered])
                   if ordered else interval)
             intercepts_z = pm.CustomDist(
-                "intercepts_z", z_lo, z_hi, dist=_uniform_dist if mle else _truncated_dist,
+                "intercepts_z", z_lo, z_hi, logp=_uniform_logp if mle else _truncated_logp,
+                random=_uniform_random if mle else _truncated_random,
                 support_point=_bounded_spread_support_point, dims="expert", transform=tr,
             )
         vb = bounds.variance
