@@ -45,6 +45,7 @@ _LAZY = {
     "load_results": "study",
     "contraction_rates": "rates",
     "deviation_test": "deviation",
+    "DGMELogp": "fused",
 }
 
 __all__ = [

@@ -4,8 +4,10 @@
 
 The likelihood is the marginal mixture in log space; ``log g0(y_n | x_n)`` is computed once, with
 `bayes_dgme.known.log_density`, and enters the model as data. The observed node ``y`` is a
-`pymc.CustomDist` with a ``logp`` (the mixture) and a ``random`` (draws from ``g0`` or an expert), so
-prior and posterior predictive sampling work.
+`pymc.CustomDist` with a ``logp`` (the mixture, through the fused Op of `bayes_dgme.fused`: the log
+density and its gradient in one pass over the data) and a ``random`` (draws from ``g0`` or an
+expert), so prior and posterior predictive sampling work. Its inputs are the log masses
+``log(1 − λ, λ p)`` (constant gating) or ``log(1 − λ, λ)`` with the gate parameters (softmax).
 
 Parameterisation
 ----------------
@@ -29,7 +31,16 @@ last expert pinned to 0), ``slopes`` [expert, covariate], ``intercepts`` [expert
 ``slope_scale`` [covariate], ``intercept_loc``, ``intercept_scale``, ``variance_scale``.
 Sampled (free) variables: ``lam``, ``weights``, ``gate_intercepts_free`` [gate_expert] and
 ``gate_slopes_free`` [gate_expert, covariate] (the first ``k - 1`` experts), ``slopes_z``,
-``intercepts_z`` and ``sds_z``.
+``intercepts_z`` and ``sds_z`` (`AUXILIARY_NAMES`: `bayes_dgme.sample` drops them from the posterior,
+which then lists each natural parameter once). A pandas ``DataFrame`` ``X`` gives the ``covariate``
+coordinate its column names.
+
+Bounds
+------
+``priors.bounds`` (a `bayes_dgme.Bounds`) truncates the priors to the box: each bounded standardised
+variable is a Normal (HalfNormal for ``sds_z``) truncated to the bounds mapped to its scale (``Uniform``
+in MLE mode), sampled through an interval transform, so every draw of ``slopes``, ``intercepts``,
+``variances`` and the free gate parameters lies in the box.
 
 Notes
 -----

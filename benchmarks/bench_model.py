@@ -183,7 +183,8 @@ def main(argv=None) -> list[dict]:
                   f"ESS/s λ {o['ess_per_s_lam']:.2f} vs {p['ess_per_s_lam']:.2f}; "
                   f"ESS/s loss {o['ess_per_s_loss']:.2f} vs {p['ess_per_s_loss']:.2f}", flush=True)
 
-    print(f"\nn = {args.n}, {args.chains} chains × ({args.tune} tune + {args.draws} draws), nutpie, target_accept 0.9\n")
+    print(f"\nn = {args.n}, {args.chains} chains × ({args.tune} tune + {args.draws} draws), nutpie, "
+          "target_accept 0.9\n")
     head = (f"{'scenario':<9}{'seed':>9} {'model':<11}{'compile':>8}{'warm':>6}{'ns/obs':>8}{'sample s':>9}"
             f"{'ESS/s λ':>9}{'ESS/s L':>9}{'R̂ loss':>8}{'div':>5}{'steps':>7}{'med L':>8}")
     print(head)

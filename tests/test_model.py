@@ -425,7 +425,7 @@ def test_dataframe_columns_become_covariates():
 
 
 # ---------------------------------------------------------------------------------------------- predictive at new X
-def _posterior_of(params: dict, d: int) -> "xr.DataTree":
+def _posterior_of(params: dict, d: int):
     import xarray as xr
 
     dims = {"lam": (), "weights": ("expert",), "slopes": ("expert", "covariate"), "intercepts": ("expert",),
