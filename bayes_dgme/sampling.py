@@ -480,9 +480,11 @@ def _posterior_predictive(spec, tree, data, X_new, seed_int, extend) -> xr.DataT
         m_ = lam[sl].size
         out[sl] = random(lam[sl, None], log_pi[sl], slopes[sl], intercepts[sl], variances[sl], X, np.zeros(n),
                          rng=rng, size=(m_, n))
-    post = tree["posterior"]
+    post = tree["posterior"].to_dataset()
+    coords = {dim: post[dim].values if dim in post.coords else np.arange(size)
+              for dim, size in (("chain", chains), ("draw", n_draws))}
     y = xr.DataArray(out.reshape(chains, n_draws, n), dims=("chain", "draw", "obs"),
-                     coords={"chain": post["chain"].values, "draw": post["draw"].values, "obs": np.arange(n)})
+                     coords={**coords, "obs": np.arange(n)})
     pp = xr.DataTree(xr.Dataset({"y": y}))
     if extend:
         tree["posterior_predictive"] = pp
