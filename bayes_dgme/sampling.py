@@ -288,7 +288,8 @@ def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000,
     -------
     xarray.DataTree
         ``posterior`` holds ``lam``, ``weights`` or ``gate_intercepts``/``gate_slopes``,
-        ``slopes``, ``intercepts``, ``variances`` and the sampled standardised variables;
+        ``slopes``, ``intercepts``, ``variances``, each once (the sampler's standardised variables,
+        `bayes_dgme.model.AUXILIARY_NAMES`, are dropped after the log-likelihood is computed);
         ``sample_stats`` holds ``diverging``; ``observed_data`` ``y``; ``constant_data`` ``X``,
         ``log_g0`` and the prior scales.
     """
