@@ -49,6 +49,7 @@ _LAZY = {
     "tightness_paths": "tightness",
     "density_distance": "tightness",
     "cancelling_direction": "tightness",
+    "DGMELogp": "fused",
 }
 
 __all__ = [

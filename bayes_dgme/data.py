@@ -6,7 +6,7 @@ import numpy as np
 
 from .validation import check_int
 
-__all__ = ["check_data", "check_int"]
+__all__ = ["check_data", "check_int", "covariate_names"]
 
 
 def check_data(X, Y, d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -42,3 +42,25 @@ def check_data(X, Y, d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
             row = int(np.argwhere(bad)[0][0])
             raise ValueError(f"{name}: non-finite value (NaN or inf) at row {row}")
     return X, Y
+
+
+def covariate_names(X) -> list[str] | None:
+    """Column names of a pandas ``DataFrame`` (or the name of a ``Series``) ``X``, else ``None``.
+
+    The names become the ``covariate`` coordinate of a model and its posterior. Names must be
+    distinct; they are converted to strings.
+
+    Raises
+    ------
+    ValueError
+        ``X`` has repeated column names.
+    """
+    columns = getattr(X, "columns", None)
+    if columns is None:
+        name = getattr(X, "name", None) if hasattr(X, "to_frame") else None
+        return None if name is None else [str(name)]
+    names = [str(c) for c in columns]
+    if len(set(names)) != len(names):
+        dup = sorted({c for c in names if names.count(c) > 1})
+        raise ValueError(f"X: repeated column name(s) {dup}; covariate names must be distinct")
+    return names

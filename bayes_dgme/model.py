@@ -4,8 +4,10 @@
 
 The likelihood is the marginal mixture in log space; ``log g0(y_n | x_n)`` is computed once, with
 `bayes_dgme.known.log_density`, and enters the model as data. The observed node ``y`` is a
-`pymc.CustomDist` with a ``logp`` (the mixture) and a ``random`` (draws from ``g0`` or an expert), so
-prior and posterior predictive sampling work.
+`pymc.CustomDist` with a ``logp`` (the mixture, through the fused Op of `bayes_dgme.fused`: the log
+density and its gradient in one pass over the data) and a ``random`` (draws from ``g0`` or an
+expert), so prior and posterior predictive sampling work. Its inputs are the log masses
+``log(1 − λ, λ p)`` (constant gating) or ``log(1 − λ, λ)`` with the gate parameters (softmax).
 
 Parameterisation
 ----------------
@@ -29,7 +31,16 @@ last expert pinned to 0), ``slopes`` [expert, covariate], ``intercepts`` [expert
 ``slope_scale`` [covariate], ``intercept_loc``, ``intercept_scale``, ``variance_scale``.
 Sampled (free) variables: ``lam``, ``weights``, ``gate_intercepts_free`` [gate_expert] and
 ``gate_slopes_free`` [gate_expert, covariate] (the first ``k - 1`` experts), ``slopes_z``,
-``intercepts_z`` and ``sds_z``.
+``intercepts_z`` and ``sds_z`` (`AUXILIARY_NAMES`: `bayes_dgme.sample` drops them from the posterior,
+which then lists each natural parameter once). A pandas ``DataFrame`` ``X`` gives the ``covariate``
+coordinate its column names.
+
+Bounds
+------
+``priors.bounds`` (a `bayes_dgme.Bounds`) truncates the priors to the box: each bounded standardised
+variable is a Normal (HalfNormal for ``sds_z``) truncated to the bounds mapped to its scale (``Uniform``
+in MLE mode), sampled through an interval transform, so every draw of ``slopes``, ``intercepts``,
+``variances`` and the free gate parameters lies in the box.
 
 Notes
 -----
@@ -53,13 +64,15 @@ import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
 
-from .data import check_data
+from .bounds import Bounds
+from .data import check_data, covariate_names
+from .fused import DGMELogp
 from .known import KnownFunction, log_density
 from .params import GATINGS
 from .priors import Priors
 
 __all__ = ["build_model", "data_scales", "model_data", "model_spec", "ModelSpec", "SCALE_FACTOR",
-           "mixture_logp", "DATA_NAMES"]
+           "mixture_logp", "fused_logp", "DATA_NAMES", "AUXILIARY_NAMES", "NATURAL_NAMES"]
 
 #: Width of the weakly-informative data-based priors, in units of the data's spread.
 SCALE_FACTOR = 2.5
@@ -70,6 +83,13 @@ SPREAD = 0.4
 
 #: Names of the `pymc.Data` containers of a model built by `build_model`.
 DATA_NAMES = ("X", "Y", "log_g0", "slope_scale", "intercept_loc", "intercept_scale", "variance_scale")
+
+#: The sampler's standardised / gauge-free variables: sampled, but not part of the posterior a user
+#: reads (`bayes_dgme.sample` drops them; the natural parameters are Deterministics of them).
+AUXILIARY_NAMES = ("slopes_z", "intercepts_z", "sds_z", "gate_intercepts_free", "gate_slopes_free")
+
+#: The natural parameters kept in the posterior (docs/ARCHITECTURE.md).
+NATURAL_NAMES = ("lam", "weights", "gate_intercepts", "gate_slopes", "slopes", "intercepts", "variances")
 
 _LOG_2PI = float(np.log(2 * np.pi))
 
@@ -128,6 +148,8 @@ class ModelSpec:
     k, d : int
     gating : str
     priors : Priors
+    covariates : tuple of str, optional
+        Column names of a ``DataFrame`` ``X`` (the ``covariate`` coordinate), else ``None``.
     """
 
     known: KnownFunction
@@ -135,6 +157,7 @@ class ModelSpec:
     d: int
     gating: str
     priors: Priors
+    covariates: tuple[str, ...] | None = None
 
 
 _SPEC_ATTR = "_bayes_dgme_spec"
@@ -264,6 +287,60 @@ def _make_random(known: KnownFunction):
     return random
 
 
+def fused_logp(gating: str):
+    """The ``logp`` of the observed ``y``: pointwise DGME log density through the fused Op.
+
+    Returns a function of ``(value, log_w, gate_b0, gate_b1, slopes, intercepts, variances, X,
+    log_g0)`` (the ``CustomDist`` inputs of `build_model`), see `bayes_dgme.fused.DGMELogp`: one
+    pass over the data gives the log density and its gradient.
+    """
+    op = DGMELogp(gating)
+    core_ndim = (1, 1, 2, 2, 1, 1, 2, 1)
+
+    def logp(value, log_w, gate_b0, gate_b1, slopes, intercepts, variances, X, log_g0):
+        args = [log_w, gate_b0, gate_b1, slopes, intercepts, variances, X, log_g0]
+        core = []
+        for x, nd in zip(args, core_ndim):  # PyMC pads the parameters with broadcastable batch dims
+            x = pt.as_tensor_variable(x)
+            extra = tuple(range(x.ndim - nd))
+            if extra and not all(x.type.broadcastable[i] for i in extra):
+                raise NotImplementedError("y: the fused DGME likelihood takes one parameter set (no batch "
+                                          "dimensions); use mixture_logp for batched parameters")
+            core.append(pt.squeeze(x, axis=extra) if extra else x)
+        log_w, gate_b0, gate_b1, slopes, intercepts, variances, X, log_g0 = core
+        value = pt.as_tensor_variable(value)
+        return op(log_w, gate_b0, gate_b1, slopes, intercepts, variances, X, value, log_g0)[0]
+
+    return logp
+
+
+def gates_from_masses(log_w, gate_b0, gate_b1, X, gating: str):
+    """``(λ, log π(x))`` (numpy) from the fused inputs: ``log_w`` = log masses ``(1 − λ, λ p)``
+    (constant) or ``(1 − λ, λ)`` (softmax, with ``π = softmax(β1·x + β0)``). Broadcasts batch dims."""
+    log_w = np.asarray(log_w, dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if gating == "constant":
+            lam = -np.expm1(log_w[..., 0])
+            log_pi = log_w[..., 1:] - np.log(lam)[..., None]
+            log_pi = np.where(np.isfinite(log_pi), log_pi, -np.log(log_pi.shape[-1]))  # λ = 0: any p
+        else:
+            lam = np.exp(log_w[..., 1])
+            eta = (np.asarray(X, dtype=float)[..., None, :] * np.asarray(gate_b1, dtype=float)).sum(-1) + gate_b0
+            m = eta.max(axis=-1, keepdims=True)
+            log_pi = eta - m - np.log(np.exp(eta - m).sum(axis=-1, keepdims=True))
+    return lam, log_pi
+
+
+def _make_fused_random(known: KnownFunction, gating: str):
+    base = _make_random(known)
+
+    def random(log_w, gate_b0, gate_b1, slopes, intercepts, variances, X, log_g0, rng=None, size=None):
+        lam, log_pi = gates_from_masses(log_w, gate_b0, gate_b1, X, gating)
+        return base(lam, log_pi, slopes, intercepts, variances, X, log_g0, rng=rng, size=size)
+
+    return random
+
+
 # ---------------------------------------------------------------------------------------------- model
 def _std_normal_dist(size):
     return pm.Normal.dist(0.0, 1.0, size=size)
@@ -273,11 +350,53 @@ def _flat_dist(size):
     return pm.Flat.dist(size=size)
 
 
+def _truncated_logp(value, lower, upper):
+    """Standard normal truncated to ``[lower, upper]`` (the bounded standardised intercepts)."""
+    std = pm.Normal.dist(0.0, 1.0)
+    log_mass = pm.math.logdiffexp(pm.logcdf(std, upper), pm.logcdf(std, lower))
+    inside = pt.and_(pt.ge(value, lower), pt.le(value, upper))
+    return pt.switch(inside, pm.logp(std, value) - log_mass, -np.inf)
+
+
+def _truncated_random(lower, upper, rng=None, size=None):
+    from scipy import stats
+
+    return stats.truncnorm.rvs(lower, upper, size=size, random_state=rng)
+
+
+def _uniform_logp(value, lower, upper):
+    inside = pt.and_(pt.ge(value, lower), pt.le(value, upper))
+    return pt.switch(inside, -pt.log(upper - lower), -np.inf)
+
+
+def _uniform_random(lower, upper, rng=None, size=None):
+    return rng.uniform(lower, upper, size=size)
+
+
 def _spread_support_point(rv, size, *params):
     """Initial standardised intercepts ``SPREAD · linspace(-1, 1, k)``: distinct (valid under the
     ordering) and spread over the data, without a model ``initval`` (which PyMC's model transforms reject)."""
     k = rv.shape[-1]
     return SPREAD * (2.0 * pt.arange(k) - (k - 1)) / pt.maximum(k - 1, 1)
+
+
+def _bounded_spread_support_point(rv, size, lower, upper):
+    """As `_spread_support_point`, inside ``(lower, upper)``: the middle half of the interval."""
+    k = rv.shape[-1]
+    u = (2.0 * pt.arange(k) - (k - 1)) / pt.maximum(k - 1, 1)  # in [-1, 1]
+    return 0.5 * (lower + upper) + 0.25 * (upper - lower) * u
+
+
+def _z_variable(name, lower, upper, mle, dims, scale=1.0, positive=False):
+    """A standardised variable: ``Normal(0, scale)`` (``HalfNormal`` if ``positive``), flat in MLE
+    mode, truncated to ``[lower, upper]`` when bounds are given (then ``Uniform`` in MLE mode)."""
+    if lower is None:
+        if mle:
+            return pm.HalfFlat(name, dims=dims) if positive else pm.Flat(name, dims=dims)
+        return pm.HalfNormal(name, scale, dims=dims) if positive else pm.Normal(name, 0.0, scale, dims=dims)
+    if mle:
+        return pm.Uniform(name, lower, upper, dims=dims)
+    return pm.TruncatedNormal(name, 0.0, scale, lower=lower, upper=upper, dims=dims)
 
 
 def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
@@ -330,10 +449,13 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     k = _check_k(k)
     gating = _check_gating(gating)
     priors = _check_priors(priors)
+    names = covariate_names(X)
     data = model_data(X, Y, known, priors)
     n, d = data["X"].shape
+    bounds: Bounds = priors.bounds
 
-    coords = {"expert": np.arange(k), "covariate": np.arange(d), "obs": np.arange(n)}
+    coords = {"expert": np.arange(k), "covariate": np.arange(d) if names is None else names,
+              "obs": np.arange(n)}
     if gating == "softmax" and k > 1:
         coords["gate_expert"] = np.arange(k - 1)
     mle = priors.mle
@@ -353,48 +475,61 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
             lam = pm.Uniform("lam", 0.0, 1.0)
         else:
             lam = pm.Beta("lam", priors.lam_alpha, priors.lam_beta)
+        log_lam, log_1m_lam = pt.log(lam), pt.log1p(-lam)
 
         # gates
         if gating == "constant":
             if k == 1:
-                weights = pm.Deterministic("weights", pt.ones((1,)), dims="expert")
+                pm.Deterministic("weights", pt.ones((1,)), dims="expert")
+                log_w = pt.stack([log_1m_lam, log_lam])
             else:
                 alpha = 1.0 if mle else priors.dirichlet_alpha
                 weights = pm.Dirichlet("weights", np.full(k, alpha), dims="expert")
-            log_pi = pt.log(weights)
+                log_w = pt.concatenate([pt.shape_padleft(log_1m_lam), log_lam + pt.log(weights)])
+            gate_b0 = pt.zeros((k,))
+            gate_b1 = pt.zeros((k, d))
         else:
+            log_w = pt.stack([log_1m_lam, log_lam])
             if k == 1:
                 gate_b0 = pt.zeros((1,))
                 gate_b1 = pt.zeros((1, d))
             else:
-                if mle:
-                    free_b0 = pm.Flat("gate_intercepts_free", dims="gate_expert")
-                    free_b1 = pm.Flat("gate_slopes_free", dims=("gate_expert", "covariate"))
-                else:
-                    free_b0 = pm.Normal("gate_intercepts_free", 0.0, priors.gate_scale, dims="gate_expert")
-                    free_b1 = pm.Normal("gate_slopes_free", 0.0, priors.gate_scale,
-                                        dims=("gate_expert", "covariate"))
+                gi, gs = bounds.gate_intercept, bounds.gate_slope
+                free_b0 = _z_variable("gate_intercepts_free", *(gi or (None, None)), mle, "gate_expert",
+                                      scale=priors.gate_scale)
+                free_b1 = _z_variable("gate_slopes_free", *(gs or (None, None)), mle, ("gate_expert", "covariate"),
+                                      scale=priors.gate_scale)
                 gate_b0 = pt.concatenate([free_b0, pt.zeros((1,))])
                 gate_b1 = pt.concatenate([free_b1, pt.zeros((1, d))], axis=0)
             gate_b0 = pm.Deterministic("gate_intercepts", gate_b0, dims="expert")
             gate_b1 = pm.Deterministic("gate_slopes", gate_b1, dims=("expert", "covariate"))
-            eta = pt.dot(Xd, gate_b1.T) + gate_b0
-            log_pi = pt.special.log_softmax(eta, axis=-1)
 
-        # experts, standardised
-        if mle:
-            slopes_z = pm.Flat("slopes_z", dims=("expert", "covariate"))
+        # experts, standardised (truncated to the bounds, mapped to the standardised scale)
+        sb = bounds.slope
+        slopes_z = _z_variable("slopes_z", *((sb[0] / slope_scale, sb[1] / slope_scale) if sb else (None, None)),
+                               mle, ("expert", "covariate"))
+        ib = bounds.intercept
+        if ib is None:
+            kw: dict[str, Any] = {"transform": pm.distributions.transforms.ordered} if ordered else {}
+            intercepts_z = pm.CustomDist(
+                "intercepts_z", dist=_flat_dist if mle else _std_normal_dist,
+                support_point=_spread_support_point, dims="expert", **kw,
+            )
         else:
-            slopes_z = pm.Normal("slopes_z", 0.0, 1.0, dims=("expert", "covariate"))
-        kw: dict[str, Any] = {"transform": pm.distributions.transforms.ordered} if ordered else {}
-        intercepts_z = pm.CustomDist(
-            "intercepts_z", dist=_flat_dist if mle else _std_normal_dist,
-            support_point=_spread_support_point, dims="expert", **kw,
-        )
-        if mle:
-            sds_z = pm.HalfFlat("sds_z", dims="expert")
-        else:
-            sds_z = pm.HalfNormal("sds_z", 1.0, dims="expert")
+            z_lo = (ib[0] - intercept_loc) / intercept_scale
+            z_hi = (ib[1] - intercept_loc) / intercept_scale
+            # bounds from the data containers only (no random variable), as PyMC's Interval requires
+            interval = pm.distributions.transforms.Interval(bounds_fn=lambda *_: (z_lo, z_hi))
+            tr = (pm.distributions.transforms.Chain([interval, pm.distributions.transforms.ordered])
+                  if ordered else interval)
+            intercepts_z = pm.CustomDist(
+                "intercepts_z", z_lo, z_hi, logp=_uniform_logp if mle else _truncated_logp,
+                random=_uniform_random if mle else _truncated_random,
+                support_point=_bounded_spread_support_point, dims="expert", transform=tr,
+            )
+        vb = bounds.variance
+        sds_z = _z_variable("sds_z", *((np.sqrt(vb[0]) / variance_scale, np.sqrt(vb[1]) / variance_scale)
+                                       if vb else (None, None)), mle, "expert", positive=True)
 
         slopes = pm.Deterministic("slopes", slopes_z * slope_scale, dims=("expert", "covariate"))
         intercepts = pm.Deterministic("intercepts", intercept_loc + intercept_scale * intercepts_z,
@@ -402,11 +537,12 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
         variances = pm.Deterministic("variances", (variance_scale * sds_z) ** 2, dims="expert")
 
         pm.CustomDist(
-            "y", lam, log_pi, slopes, intercepts, variances, Xd, log_g0,
-            logp=mixture_logp, random=_make_random(known),
-            signature="(),(k),(k,d),(k),(k),(d),()->()",
+            "y", log_w, gate_b0, gate_b1, slopes, intercepts, variances, Xd, log_g0,
+            logp=fused_logp(gating), random=_make_fused_random(known, gating),
+            signature="(m),(k),(k,d),(k,d),(k),(k),(d),()->()",
             observed=Yd, dims="obs",
         )
 
-    setattr(model, _SPEC_ATTR, ModelSpec(known=known, k=k, d=d, gating=gating, priors=priors))
+    setattr(model, _SPEC_ATTR, ModelSpec(known=known, k=k, d=d, gating=gating, priors=priors,
+                                         covariates=None if names is None else tuple(names)))
     return model

@@ -31,7 +31,7 @@ import pymc as pm
 import xarray as xr
 
 from .data import check_int
-from .model import DATA_NAMES, model_data, model_spec
+from .model import AUXILIARY_NAMES, DATA_NAMES, _make_random, model_data, model_spec
 from .params import Params
 
 __all__ = ["sample", "compile_model", "CompiledModel", "sample_predictive", "SAMPLERS", "LOG_LIKELIHOOD_MAX"]
@@ -117,9 +117,9 @@ def _seed_int(seed) -> int:
     return int(seed)
 
 
-def _data_groups(data: dict[str, Any]) -> tuple[xr.Dataset, xr.Dataset]:
+def _data_groups(data: dict[str, Any], covariates=None) -> tuple[xr.Dataset, xr.Dataset]:
     n, d = data["X"].shape
-    coords = {"obs": np.arange(n), "covariate": np.arange(d)}
+    coords = {"obs": np.arange(n), "covariate": np.arange(d) if covariates is None else list(covariates)}
     observed = xr.Dataset({"y": (("obs",), data["Y"])}, coords={"obs": coords["obs"]})
     constant = xr.Dataset(
         {
@@ -150,15 +150,19 @@ _UNCONSTRAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _unconstrain_function(model: Any) -> tuple[Any, list[tuple[str, str]]]:
-    """A compiled function: constrained values of the free variables -> their unconstrained values.
+    """A compiled function: (constrained values of the free variables, then the model's data values
+    in the order of `DATA_NAMES`) -> their unconstrained values.
 
+    The data are inputs (not the model's shared values) because transforms of bounded variables
+    depend on the data-based scales, and a `CompiledModel` may be bound to another dataset.
     Cached per model (compiled once per worker process). Returns the function and the layout
-    ``[(rv name, value-variable name), ...]`` of its inputs and outputs.
+    ``[(rv name, value-variable name), ...]`` of its free-variable inputs and outputs.
     """
     key = model
     if key not in _UNCONSTRAIN:
         import pytensor
         import pytensor.tensor as pt
+        from pytensor.graph.replace import clone_replace
 
         inputs, outputs, layout = [], [], []
         for vv in model.value_vars:
@@ -168,7 +172,12 @@ def _unconstrain_function(model: Any) -> tuple[Any, list[tuple[str, str]]]:
             inputs.append(x)
             outputs.append(x if tr is None else tr.forward(x, *rv.owner.inputs))
             layout.append((rv.name, vv.name))
-        _UNCONSTRAIN[key] = (pytensor.function(inputs, outputs, on_unused_input="ignore"), layout)
+        data_inputs = {model[name]: pt.tensor(name=name, shape=(None,) * model[name].ndim, dtype="float64")
+                       for name in DATA_NAMES}
+        outputs = clone_replace(outputs, replace=data_inputs)
+        fn = pytensor.function(inputs + list(data_inputs.values()), outputs, on_unused_input="ignore",
+                               mode="FAST_COMPILE")
+        _UNCONSTRAIN[key] = (fn, layout)
     return _UNCONSTRAIN[key]
 
 
@@ -221,7 +230,8 @@ def start_near(compiled: CompiledModel, est: Params, jitter: float = 0.1) -> Com
         fn, layout = _unconstrain_function(m)
         if any(rv_name not in values or vv_name not in names for rv_name, vv_name in layout):
             return None
-        outs = fn(*[np.asarray(values[rv_name], dtype=float) for rv_name, _ in layout])
+        outs = fn(*[np.asarray(values[rv_name], dtype=float) for rv_name, _ in layout],
+                  *[np.asarray(data[name], dtype=float) for name in DATA_NAMES])
         for (_, vv_name), u in zip(layout, outs):
             flat[slices[names.index(vv_name)]] = np.asarray(u, dtype=float).reshape(-1)
     except Exception:  # an unexpected model layout: fall back to the sampler's own start
@@ -278,7 +288,8 @@ def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000,
     -------
     xarray.DataTree
         ``posterior`` holds ``lam``, ``weights`` or ``gate_intercepts``/``gate_slopes``,
-        ``slopes``, ``intercepts``, ``variances`` and the sampled standardised variables;
+        ``slopes``, ``intercepts``, ``variances``, each once (the sampler's standardised variables,
+        `bayes_dgme.model.AUXILIARY_NAMES`, are dropped after the log-likelihood is computed);
         ``sample_stats`` holds ``diverging``; ``observed_data`` ``y``; ``constant_data`` ``X``,
         ``log_g0`` and the prior scales.
     """
@@ -328,7 +339,7 @@ def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000,
         elapsed = time.time() - start
         tree.posterior.attrs["sampling_time"] = elapsed
         tree.posterior.attrs["tuning_steps"] = tune
-        observed, constant = _data_groups(data)
+        observed, constant = _data_groups(data, model_spec(pm_model).covariates)
         tree["observed_data"] = xr.DataTree(observed)
         tree["constant_data"] = xr.DataTree(constant)
     else:
@@ -342,7 +353,7 @@ def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000,
                          model=pm_model, **kwargs)
         elapsed = time.time() - start
         tree.posterior.attrs.setdefault("sampling_time", elapsed)
-        observed, constant = _data_groups(data)
+        observed, constant = _data_groups(data, model_spec(pm_model).covariates)
         tree["constant_data"] = xr.DataTree(constant)
 
     n = data["Y"].shape[0]
@@ -354,12 +365,31 @@ def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000,
             warnings.simplefilter("ignore", UserWarning)
             pm.compute_log_likelihood(tree, model=pm_model, extend_inferencedata=True, progressbar=False,
                                       compile_kwargs=dict(_QUICK))
+    return _natural_posterior(tree)
+
+
+def _natural_posterior(tree: xr.DataTree) -> xr.DataTree:
+    """Drop the sampler's standardised / gauge-free variables (`bayes_dgme.model.AUXILIARY_NAMES`) from
+    the posterior, so that every parameter is listed once (``az.summary``)."""
+    post = tree["posterior"].to_dataset()
+    aux = [name for name in AUXILIARY_NAMES if name in post.data_vars]
+    if aux:
+        attrs = dict(post.attrs)
+        post = post.drop_vars(aux)
+        post = post.drop_dims([dim for dim in ("gate_expert",) if dim in post.dims
+                               and not any(dim in v.dims for v in post.data_vars.values())])
+        post.attrs = attrs
+        tree["posterior"] = xr.DataTree(post)
     return tree
 
 
 def sample_predictive(model: pm.Model | CompiledModel, tree: xr.DataTree | None = None, draws: int = 500,
-                      seed=None, extend: bool = True, compile_kwargs: dict | None = None) -> xr.DataTree:
+                      seed=None, extend: bool = True, compile_kwargs: dict | None = None, X=None) -> xr.DataTree:
     """Prior (``tree=None``) or posterior predictive draws of ``y``.
+
+    Posterior predictive draws use the natural parameters of the posterior (`bayes_dgme.
+    params_from_posterior`) as fitted, at the training covariates or at new ones ``X``: nothing is
+    re-derived from the new covariates (the data-based prior scales of the fit stay frozen).
 
     Parameters
     ----------
@@ -371,10 +401,12 @@ def sample_predictive(model: pm.Model | CompiledModel, tree: xr.DataTree | None 
         Number of prior draws (ignored for the posterior predictive: one per posterior draw).
     seed : int, numpy Generator or None
     extend : bool
-        Posterior predictive only: add ``posterior_predictive`` to ``tree`` (and return it).
+        Posterior predictive at the training covariates only: add ``posterior_predictive`` to
+        ``tree`` (and return it). With new ``X`` a new DataTree is returned.
     compile_kwargs : dict, optional
-        PyTensor compilation options; default ``{"mode": "FAST_COMPILE"}`` (the sampler of ``y`` is
-        Python code, so numba compilation would only cost time).
+        PyTensor compilation options of the prior predictive; default ``{"mode": "FAST_COMPILE"}``.
+    X : array_like, shape (m, d), optional
+        New covariates for the posterior predictive (a ``DataFrame`` with the model's columns works).
 
     Returns
     -------
@@ -383,25 +415,79 @@ def sample_predictive(model: pm.Model | CompiledModel, tree: xr.DataTree | None 
     """
     if isinstance(model, CompiledModel):
         pm_model, data = model.model, model.data
-        _set_model_data(pm_model, data)
     elif isinstance(model, pm.Model):
         model_spec(model)
         pm_model = model
+        data = {name: np.asarray(model[name].get_value()) for name in DATA_NAMES}
     else:
         raise ValueError(f"model: expected a pymc.Model from bayes_dgme.build_model or a CompiledModel, "
                          f"got {type(model).__name__}")
+    spec = model_spec(pm_model)
     seed_int = _seed_int(seed)
-    compile_kwargs = dict(_QUICK) if compile_kwargs is None else compile_kwargs
-    with warnings.catch_warnings():
-        # the CustomDist's random runs in numba object mode; harmless
-        warnings.filterwarnings("ignore", message=".*object mode.*")
-        if tree is None:
-            if model_spec(pm_model).priors.mle:
-                raise ValueError("priors.mle: an MLE-mode model has flat (improper) priors and cannot be "
-                                 "prior-sampled")
-            draws = check_int("draws", draws)
+    if tree is None:
+        if X is not None:
+            raise ValueError("X: new covariates are for the posterior predictive (give a posterior tree)")
+        if spec.priors.mle:
+            raise ValueError("priors.mle: an MLE-mode model has flat (improper) priors and cannot be "
+                             "prior-sampled")
+        draws = check_int("draws", draws)
+        _set_model_data(pm_model, data)
+        compile_kwargs = dict(_QUICK) if compile_kwargs is None else compile_kwargs
+        with warnings.catch_warnings():
+            # the CustomDist's random runs in numba object mode; harmless
+            warnings.filterwarnings("ignore", message=".*object mode.*")
             return pm.sample_prior_predictive(draws=draws, model=pm_model, random_seed=seed_int,
                                               compile_kwargs=compile_kwargs)
-        return pm.sample_posterior_predictive(tree, model=pm_model, random_seed=seed_int,
-                                              extend_inferencedata=extend, progressbar=False,
-                                              compile_kwargs=compile_kwargs)
+    return _posterior_predictive(spec, tree, data, X, seed_int, extend)
+
+
+#: Rows × draws simulated at once by `sample_predictive` (bounds the memory, ~100 MB).
+_PREDICTIVE_CHUNK = 1_000_000
+
+
+def _posterior_predictive(spec, tree, data, X_new, seed_int, extend) -> xr.DataTree:
+    from .data import check_data, covariate_names
+    from .posterior import params_from_posterior
+
+    params = params_from_posterior(tree)
+    if X_new is None:
+        X = np.asarray(data["X"], dtype=float)
+        names = spec.covariates
+    else:
+        names = covariate_names(X_new)
+        if names is not None and spec.covariates is not None and list(names) != list(spec.covariates):
+            raise ValueError(f"X: columns {names} differ from the model's covariates {list(spec.covariates)}")
+        X, _ = check_data(X_new, np.zeros(np.shape(X_new)[0]), d=spec.d)
+        extend = False
+    n = X.shape[0]
+    chains, n_draws = params.batch_shape
+    rng = np.random.default_rng(seed_int)
+    random = _make_random(spec.known)
+    lam = params.lam.reshape(-1)
+    if params.weights is not None:
+        log_pi = np.log(np.clip(params.weights.reshape(-1, spec.k), 1e-300, None))[:, None, :]
+    else:
+        eta = np.einsum("nd,skd->snk", X, params.gate_slopes.reshape(-1, spec.k, spec.d))
+        eta = eta + params.gate_intercepts.reshape(-1, 1, spec.k)
+        m = eta.max(axis=-1, keepdims=True)
+        log_pi = eta - m - np.log(np.exp(eta - m).sum(axis=-1, keepdims=True))
+    slopes = params.slopes.reshape(-1, 1, spec.k, spec.d)
+    intercepts = params.intercepts.reshape(-1, 1, spec.k)
+    variances = params.variances.reshape(-1, 1, spec.k)
+    out = np.empty((lam.size, n))
+    step = max(1, _PREDICTIVE_CHUNK // max(n, 1))
+    for lo in range(0, lam.size, step):  # chunks of draws, vectorised within
+        sl = slice(lo, lo + step)
+        m_ = lam[sl].size
+        out[sl] = random(lam[sl, None], log_pi[sl], slopes[sl], intercepts[sl], variances[sl], X, np.zeros(n),
+                         rng=rng, size=(m_, n))
+    post = tree["posterior"].to_dataset()
+    coords = {dim: post[dim].values if dim in post.coords else np.arange(size)
+              for dim, size in (("chain", chains), ("draw", n_draws))}
+    y = xr.DataArray(out.reshape(chains, n_draws, n), dims=("chain", "draw", "obs"),
+                     coords={**coords, "obs": np.arange(n)})
+    pp = xr.DataTree(xr.Dataset({"y": y}))
+    if extend:
+        tree["posterior_predictive"] = pp
+        return tree
+    return xr.DataTree.from_dict({"posterior_predictive": pp})

@@ -355,3 +355,103 @@ def test_object_mode_warning_is_quiet():
         warnings.simplefilter("always")
         sampling.sample_predictive(model, draws=3, seed=0)
     assert not [w for w in caught if "object mode" in str(w.message)]
+
+
+# ---------------------------------------------------------------------------------------------- bounds
+BOUNDS = bd.Bounds(slope=(-3.0, 3.0), intercept=(-4.0, 4.0), variance=(0.05, 5.0), gate_slope=(-6.0, 6.0),
+                   gate_intercept=(-5.0, 5.0))
+
+
+@pytest.mark.parametrize("gating", ["constant", "softmax"])
+def test_bounds_truncate_the_priors(gating):
+    """logp = loglik + the priors of the standardised variables truncated to the bounds (scipy's truncnorm)."""
+    known = KNOWNS["student_t"]
+    X, Y = _data(known)
+    k, d = 2, 2
+    priors = bd.Priors(bounds=BOUNDS, gate_scale=2.0, order="intercepts" if gating == "constant" else "none")
+    model = bd.build_model(X, Y, known, k, gating=gating, priors=priors)
+    slope_s, loc, icpt_s, var_s = _scales_by_hand(X, Y)
+    rng = np.random.default_rng(8)
+    z = _random_point(rng, k, d, gating, ordered=gating == "constant")
+    z["slopes_z"] = rng.uniform(-2.9, 2.9, size=(k, d)) / slope_s
+    z["intercepts_z"] = (np.sort(rng.uniform(-3.9, 3.9, size=k)) - loc) / icpt_s
+    z["sds_z"] = np.sqrt(rng.uniform(0.06, 4.9, size=k)) / var_s
+    params = bd.Params(lam=z["lam"], weights=z.get("weights"), slopes=z["slopes_z"] * slope_s,
+                       intercepts=loc + icpt_s * z["intercepts_z"], variances=(var_s * z["sds_z"]) ** 2,
+                       gate_intercepts=None if gating == "constant" else np.append(z["gate_intercepts_free"], 0),
+                       gate_slopes=None if gating == "constant" else np.vstack([z["gate_slopes_free"],
+                                                                                 np.zeros((1, d))]))
+    prior = stats.beta.logpdf(z["lam"], 1, 1)
+    prior += stats.truncnorm.logpdf(z["slopes_z"], -3 / slope_s, 3 / slope_s).sum()
+    prior += stats.truncnorm.logpdf(z["intercepts_z"], (-4 - loc) / icpt_s, (4 - loc) / icpt_s).sum()
+    prior += stats.truncnorm.logpdf(z["sds_z"], np.sqrt(0.05) / var_s, np.sqrt(5.0) / var_s).sum()
+    if gating == "constant":
+        prior += stats.dirichlet.logpdf(z["weights"], np.ones(k))
+    else:
+        prior += stats.truncnorm.logpdf(z["gate_intercepts_free"] / 2.0, -2.5, 2.5).sum() - np.log(2.0) * (k - 1)
+        prior += stats.truncnorm.logpdf(z["gate_slopes_free"] / 2.0, -3.0, 3.0).sum() - np.log(2.0) * (k - 1) * d
+    logp = model.compile_logp(jacobian=False, **FAST)
+    # PyMC's normal log-cdf (the truncation's mass) is accurate to ~1e-8 per term, hence abs=1e-6
+    assert logp(_to_value_space(model, z)) == pytest.approx(bd.loglik(params, X, Y, known) + prior, abs=1e-6)
+    # any unconstrained point maps inside the box (and, with the ordering, to increasing intercepts)
+    det = _value_fn(model, ["slopes", "intercepts", "variances"])
+    for scale in (0.1, 5.0, 30.0):
+        point = {v.name: scale * rng.normal(size=model.initial_point()[v.name].shape) for v in model.value_vars}
+        slopes, intercepts, variances = det(point)
+        for field, value in (("slope", slopes), ("intercept", intercepts), ("variance", variances)):
+            lo, hi = getattr(BOUNDS, field)  # closed box, up to rounding of the back-transform
+            assert np.all((value >= lo - 1e-12 * abs(lo)) & (value <= hi + 1e-12 * abs(hi))), field
+        if gating == "constant":
+            assert np.all(np.diff(intercepts) >= 0)
+    assert np.isfinite(model.compile_logp(**FAST)(model.initial_point()))
+    # prior draws respect the bounds too
+    prior_draws = sampling.sample_predictive(model, draws=20, seed=3).prior
+    for name, field in (("slopes", "slope"), ("intercepts", "intercept"), ("variances", "variance")):
+        assert BOUNDS.contains_value(field, prior_draws[name].values)
+
+
+# ---------------------------------------------------------------------------------------------- DataFrames
+def test_dataframe_columns_become_covariates():
+    pd = pytest.importorskip("pandas")
+    known = KNOWNS["gaussian"]
+    X, Y = _data(known, n=30)
+    frame = pd.DataFrame(X, columns=["age", "dose"])
+    model = bd.build_model(frame, pd.Series(Y, name="y"), known, 2)
+    assert list(model.coords["covariate"]) == ["age", "dose"]
+    assert bd.model.model_spec(model).covariates == ("age", "dose")
+    np.testing.assert_array_equal(model["X"].get_value(), X)
+    with pytest.raises(ValueError, match=r"X: repeated column name\(s\) \['a'\]"):
+        bd.build_model(pd.DataFrame(X, columns=["a", "a"]), Y, known, 2)
+
+
+# ---------------------------------------------------------------------------------------------- predictive at new X
+def _posterior_of(params: dict, d: int):
+    import xarray as xr
+
+    dims = {"lam": (), "weights": ("expert",), "slopes": ("expert", "covariate"), "intercepts": ("expert",),
+            "variances": ("expert",)}
+    ds = xr.Dataset({name: (("chain", "draw", *dims[name]), np.asarray(v)[None, None]) for name, v in params.items()})
+    return xr.DataTree.from_dict({"posterior": ds})
+
+
+def test_posterior_predictive_at_new_x_uses_the_fitted_parameters():
+    """At new covariates, predictive draws follow the posterior as fitted: with λ = 1 and one expert of
+    (nearly) zero variance, y = a·x + b exactly, whatever the spread of the new X (the data-based prior
+    scales of the fit are not re-derived from the new X)."""
+    known = KNOWNS["gaussian"]
+    X, Y = _data(known, n=50)
+    model = bd.build_model(X, Y, known, 2)
+    tree = _posterior_of({"lam": 1.0, "weights": [1.0, 0.0], "slopes": [[2.0, -1.0], [0.0, 0.0]],
+                          "intercepts": [0.5, 0.0], "variances": [1e-20, 1.0]}, 2)
+    X_new = 100.0 * np.random.default_rng(0).normal(size=(7, 2))
+    out = sampling.sample_predictive(model, tree, seed=1, X=X_new)
+    y = out.posterior_predictive.y
+    assert y.dims == ("chain", "draw", "obs") and y.shape == (1, 1, 7)
+    np.testing.assert_allclose(y.values[0, 0], X_new @ [2.0, -1.0] + 0.5, rtol=1e-8)
+    # λ = 0: every draw from g0 (its mean at the new X, within 6 sds)
+    tree0 = _posterior_of({"lam": 0.0, "weights": [0.5, 0.5], "slopes": [[2.0, -1.0], [0.0, 0.0]],
+                           "intercepts": [0.5, 0.0], "variances": [1e-20, 1.0]}, 2)
+    y0 = sampling.sample_predictive(model, tree0, seed=1, X=X_new).posterior_predictive.y.values[0, 0]
+    assert np.all(np.abs(y0 - (X_new @ [0.5, -1.0] + 0.2)) < 6 * np.sqrt(1.3))
+    with pytest.raises(ValueError, match="X: expected d=2 columns"):
+        sampling.sample_predictive(model, tree, X=np.zeros((3, 1)))

@@ -53,6 +53,11 @@ def test_posterior_recovers_truth(fitted):
 def test_tree_contents(fitted):
     _, _, X, Y, tree = fitted
     post = tree.posterior
+    # each parameter once: the sampler's standardised variables are not in the posterior
+    assert set(post.data_vars) == {"lam", "weights", "slopes", "intercepts", "variances"}
+    summary = az.summary(tree)
+    assert not [name for name in summary.index if "_z" in str(name)]
+    assert len(summary) == 1 + 4 * 2  # lam; weights, slopes (d = 1), intercepts, variances of k = 2
     assert post.lam.dims == ("chain", "draw")
     assert post.slopes.dims == ("chain", "draw", "expert", "covariate")
     assert post.variances.dims == ("chain", "draw", "expert")

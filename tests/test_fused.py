@@ -1,0 +1,122 @@
+"""The fused DGME likelihood Op (bayes_dgme.fused): values against bd.loglik_pointwise, gradients against
+central finite differences, the numba backend against the numpy ``perform``, extremes of λ and variances."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytensor
+import pytensor.tensor as pt
+import pytest
+
+import bayes_dgme as bd
+from bayes_dgme.fused import DGMELogp
+
+N = 40
+K = 3
+G0 = bd.known.Custom(lambda y, X: -0.5 * y**2 - 0.5 * np.log(2 * np.pi), lambda X, rng: rng.normal(size=len(X)))
+
+
+def _data(d, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(-1, 1, size=(N, d))
+    Y = 2.0 * rng.normal(size=N)
+    return X, Y, G0.logpdf(Y, X)
+
+
+@pytest.fixture(scope="module", params=[("constant", 1), ("constant", 2), ("softmax", 1), ("softmax", 2)],
+                ids=lambda p: f"{p[0]}-d{p[1]}")
+def compiled(request):
+    """logp, its sum's gradient and a weighted sum's gradient, compiled for the python and numba backends."""
+    gating, d = request.param
+    X, Y, lg0 = _data(d)
+    ins = [pt.dvector("log_w"), pt.dvector("b0"), pt.dmatrix("b1"), pt.dmatrix("A"), pt.dvector("B"),
+           pt.dvector("V")]
+    w = np.random.default_rng(5).uniform(0.5, 2.0, size=N)
+    ll = DGMELogp(gating)(*ins, X, Y, lg0)[0]
+    wrt = ins if gating == "softmax" else [ins[0], *ins[3:]]
+    outs = [ll, *pytensor.grad(ll.sum(), wrt), *pytensor.grad((w * ll).sum(), wrt)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fns = {mode: pytensor.function(ins, outs, mode=mode, on_unused_input="ignore")
+               for mode in ("FAST_COMPILE", "NUMBA")}
+        for fn in fns.values():  # numba compiles on the first call
+            fn(*_point(np.random.default_rng(0), gating, d))
+    assert not [c for c in caught if "object mode" in str(c.message)], "numba fell back to object mode"
+    return gating, d, X, Y, w, wrt, ins, fns
+
+
+def _point(rng, gating, d, lam=0.6, variances=None):
+    p = rng.dirichlet(np.full(K, 2.0))
+    log_w = np.log(np.r_[1 - lam, lam * p]) if gating == "constant" else np.log([1 - lam, lam])
+    V = rng.uniform(0.3, 2.0, size=K) if variances is None else np.asarray(variances, dtype=float)
+    return [log_w, rng.normal(size=K), rng.normal(size=(K, d)), rng.normal(size=(K, d)), rng.normal(size=K), V]
+
+
+def _params(vals, gating, lam):
+    log_w, b0, b1, A, B, V = vals
+    if gating == "constant":
+        return bd.Params(lam=lam, weights=np.exp(log_w[1:]) / lam, slopes=A, intercepts=B, variances=V)
+    return bd.Params(lam=lam, weights=None, slopes=A, intercepts=B, variances=V,
+                     gate_intercepts=b0 - b0[-1], gate_slopes=b1 - b1[-1])  # the gauge of bd.Params
+
+
+@pytest.mark.parametrize("lam, variances", [(0.6, None), (1e-12, None), (1 - 1e-12, None),
+                                            (0.6, [1e-10, 0.5, 1e-8])])
+def test_values_match_loglik(compiled, lam, variances):
+    gating, d, X, Y, _, _, _, fns = compiled
+    rng = np.random.default_rng(11)
+    for _ in range(3):
+        vals = _point(rng, gating, d, lam=lam, variances=variances)
+        expected = bd.loglik_pointwise(_params(vals, gating, lam), X, Y, G0)
+        for mode, fn in fns.items():
+            out = fn(*vals)
+            np.testing.assert_allclose(out[0], expected, rtol=1e-10, atol=1e-12, err_msg=mode)
+            assert all(np.isfinite(g).all() for g in out[1:]), f"{mode}: non-finite gradient at λ={lam}"
+        # both backends agree on every output (values and gradients)
+        for a, b in zip(fns["FAST_COMPILE"](*vals), fns["NUMBA"](*vals)):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_gradients_match_finite_differences(compiled):
+    gating, d, _, _, w, wrt, ins, fns = compiled
+    rng = np.random.default_rng(3)
+    vals = _point(rng, gating, d)
+    positions = [ins.index(v) for v in wrt]
+    for mode, fn in fns.items():
+        out = fn(*vals)
+        m = len(wrt)
+        for weights, grads in ((np.ones(N), out[1:1 + m]), (w, out[1 + m:])):
+            def f(v, weights=weights, fn=fn):
+                return float(np.dot(weights, fn(*v)[0]))
+            for pos, g in zip(positions, grads):
+                num = np.zeros_like(vals[pos])
+                for idx in np.ndindex(vals[pos].shape):
+                    h = 1e-6 * max(1.0, abs(vals[pos][idx]))
+                    up = [v.copy() for v in vals]
+                    dn = [v.copy() for v in vals]
+                    up[pos][idx] += h
+                    dn[pos][idx] -= h
+                    num[idx] = (f(up) - f(dn)) / (2 * h)
+                # central differences: error O(h²·f''') ~ 1e-9 relative here
+                np.testing.assert_allclose(g, num, rtol=1e-6, atol=1e-6, err_msg=f"{mode} {ins[pos].name}")
+
+
+def test_all_terms_impossible_gives_minus_inf_without_nan():
+    X, Y, _ = _data(1)
+    ins = [pt.dvector(), pt.dvector(), pt.dmatrix(), pt.dmatrix(), pt.dvector(), pt.dvector()]
+    out = DGMELogp("constant")(*ins, X, Y, np.full(N, -np.inf))
+    fn = pytensor.function(ins, out, mode="FAST_COMPILE", on_unused_input="ignore")
+    log_w = np.array([0.0, -np.inf, -np.inf, -np.inf])  # λ = 0 and g0 has no density: every row impossible
+    res = fn(log_w, np.zeros(K), np.zeros((K, 1)), np.ones((K, 1)), np.zeros(K), np.ones(K))
+    assert np.all(res[0] == -np.inf)
+    assert all(np.all(g == 0) for g in res[1:])
+
+
+def test_input_validation():
+    with pytest.raises(ValueError, match="gating: unknown gating 'probit'"):
+        DGMELogp("probit")
+    with pytest.raises(ValueError, match="slopes: expected 2 dimension"):
+        DGMELogp("constant")(np.zeros(4), np.zeros(3), np.zeros((3, 1)), np.zeros(3), np.zeros(3), np.ones(3),
+                             np.zeros((5, 1)), np.zeros(5), np.zeros(5))
