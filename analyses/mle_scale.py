@@ -157,7 +157,8 @@ def run_setting(name: str, args) -> pd.DataFrame:
 def _per_atom_statistics(rates: pd.DataFrame) -> pd.DataFrame:
     """Per-atom rows; the mass-weighted columns when present (kinds other than plain ``err``)."""
     par = rates[rates["kind"] == "parameter"]
-    weighted = par[~par["statistic"].str.contains(r"_err_\d+$", regex=True)]
+    kind = par["statistic"].str.replace(r"^(gate_slope|slope|intercept|variance|mass)_", "", regex=True)
+    weighted = par[~kind.str.fullmatch(r"err_\d+")]
     return weighted if not weighted.empty else par
 
 

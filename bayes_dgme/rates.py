@@ -46,7 +46,8 @@ Theory (DESIGN.md 4.5) beside every measured slope
 - the generalized Wasserstein loss sees only the slowest parameter rate: ``-1/2`` when every cell holds
   at most one fitted atom, ``-1/(2 r̄(m))`` for the largest cell of ``m >= 2`` atoms;
 - per true atom ``j`` (columns ``{parameter}_{kind}_{j}``, e.g. ``slope_err_1`` or a mass-weighted
-  ``slope_werr_1``: any kind containing ``err``): a singleton cell ``-1/2``; a cell of ``m >= 2``
+  ``slope_weighted_err_1``, as the study flattens `CellErrors.slope_weighted`: any kind
+  containing ``err``): a singleton cell ``-1/2``; a cell of ``m >= 2``
   fitted atoms ``-1/(2 r̄(m))`` for slopes and intercepts, ``-1/r̄(m)`` for variances; g0's cell
   ``A_0`` (label 0, D2 only) behaves like a cell of ``|A_0|`` fitted atoms (one alone: ``-1/2``);
   mass errors ``-1/2``. Softmax gating (DESIGN.md 4.3): gate slopes and intercepts ``-1/(2 r̄(m))``,
@@ -449,7 +450,7 @@ def parameter_rates(df: pd.DataFrame, estimators: Sequence[str] | None = None,
     """Rates of the per-atom parameter errors with the theoretical slope of each.
 
     Reads every column ``{parameter}_{kind}_{j}`` whose ``kind`` contains ``err`` (``slope_err_1``,
-    a mass-weighted ``slope_werr_1``, ...); ``j`` labels the true atom (``0`` = g0's atom under D2).
+    a mass-weighted ``slope_weighted_err_1``, ...); ``j`` labels the true atom (``0`` = g0's atom under D2).
     The cell size ``m_j`` is read at the largest ``n`` (see the module notes).
 
     Parameters

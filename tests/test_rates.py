@@ -266,16 +266,20 @@ def test_no_theory_at_lam_zero_and_warnings_on_thin_studies(rng):
 
 
 def test_mass_weighted_per_atom_errors_get_the_same_theory(rng):
-    """Any ``{parameter}_<kind with err>_{j}`` column is a per-atom rate (e.g. mass-weighted errors)."""
-    df = _synthetic(rng, {"slope_werr_1": -0.125, "variance_werr_1": -0.25, "slope_err_w_2": -0.5,
-                          "mass_err_2": -0.5, "voronoi": -0.5}, estimators=("em",), reps=8,
-                    extra={"cell_size_1": 2, "cell_size_2": 1})
+    """Any ``{parameter}_<kind>err<kind>_{j}`` column is a per-atom rate: the study's flattening of the
+    mass-weighted `CellErrors` fields (``slope_weighted_err_1``) as well as other spellings; the
+    cell mass (``cell_mass_err_1``) is not a parameter error."""
+    df = _synthetic(rng, {"slope_weighted_err_1": -0.125, "variance_weighted_err_1": -0.25,
+                          "slope_werr_2": -0.5, "mass_err_2": -0.5, "cell_mass_err_1": -0.5, "voronoi": -0.5},
+                    estimators=("em",), reps=8, extra={"cell_size_1": 2, "cell_size_2": 1})
     df["cell_size_mean_1"] = 2.0
     rates = parameter_rates(df, methods=("ols", "median"))
-    assert set(rates["statistic"]) == {"slope_werr_1", "variance_werr_1", "slope_err_w_2", "mass_err_2"}
+    assert set(rates["statistic"]) == {"slope_weighted_err_1", "variance_weighted_err_1", "slope_werr_2",
+                                       "mass_err_2"}
     got = rates[rates.method == "ols"].set_index("statistic")
-    assert got.loc["slope_werr_1", "theory"] == -1 / 8 and got.loc["variance_werr_1", "theory"] == -1 / 4
-    assert got.loc["slope_err_w_2", "theory"] == -0.5 and got.loc["slope_err_w_2", "parameter"] == "slope"
+    assert got.loc["slope_weighted_err_1", "theory"] == -1 / 8
+    assert got.loc["variance_weighted_err_1", "theory"] == -1 / 4
+    assert got.loc["slope_werr_2", "theory"] == -0.5 and got.loc["slope_werr_2", "parameter"] == "slope"
     assert (got["agrees"] == True).sum() >= 3  # noqa: E712 -- nullable boolean
 
 
