@@ -224,7 +224,7 @@ def figure(frames: dict[str, pd.DataFrame], rates: pd.DataFrame, path: Path) -> 
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("sample size $n$")
-        ax.set_title(f"{name}: per-atom errors (median; dashed: theory)", fontsize=9)
+        ax.set_title(f"{name}: per-atom errors\n(median over replicates; dashed: theory)", fontsize=9)
         if ax.lines:
             ax.legend(fontsize=5.5, loc="lower left")
         ax.grid(True, which="major", alpha=0.3)
@@ -279,7 +279,10 @@ def main(argv=None) -> int:
     rates = pd.concat(parts, ignore_index=True)
     write_rates(rates, args.out, "rates", title="The MLE at the paper's scale: every rate")
     loss = rates[rates["kind"] == "loss"]
-    grid = f"n = {args.sizes}, {args.reps} replicates (EM); MAP at n <= {args.map_max_n}, {args.map_reps} replicates"
+    map_n = [n for n in args.sizes if n <= args.map_max_n]
+    grid = f"n = {args.sizes}, {args.reps} replicates (EM); " + (
+        f"MAP at n = {map_n}, {min(args.map_reps, args.reps)} replicates" if len(map_n) >= 2 and args.map_reps
+        else "no MAP")
     text = [f"# EM loss rates at the paper's scale\n\n{grid}. Wall time {time.perf_counter() - t0:.0f} s.\n",
             rates_markdown(loss), "\n## Per-atom rates (mass-weighted where recorded)\n",
             rates_markdown(_per_atom_statistics(rates))]
