@@ -58,7 +58,9 @@ Theory (DESIGN.md 4.5) beside every measured slope
 
 Which ``m`` applies to atom ``j``: the most frequent value over replicates (ties to the smaller size) of
 ``cell_size_j`` at the **largest** ``n`` of the study, per estimator (cells settle as ``n`` grows).
-When ``m_j`` differs between replicates the table says so (``cell_size_agree``).
+When ``m_j`` differs between replicates the table says so (``cell_size_agree``) and adds one row per
+size ``m`` over the records whose cell ``j`` holds ``m`` atoms (column ``subset``), each with the theory
+of its ``m``.
 
 Input contract
 --------------
@@ -444,9 +446,24 @@ def _per_atom_columns(columns: Sequence[str], parameters: Sequence[str]) -> list
     return sorted(out, key=lambda t: (t[2], PARAMETERS.index(t[1]), t[0]))
 
 
+def _split_by_cell_size(sub: pd.DataFrame, col: str, p: str, j: int, g0: bool, gating: str, reason: str,
+                        meths: list[str], level: float, label: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rates of atom ``j`` over the records whose own cell ``j`` holds ``m`` atoms, for each ``m >= 1``
+    found at the largest ``n`` (the cell's size varies between replicates there)."""
+    sizes = pd.to_numeric(sub[f"cell_size_{j}"], errors="coerce")
+    top = sorted({int(v) for v in sizes[sub["n"] == sub["n"].max()].dropna() if v >= 1})
+    rows = []
+    for m in top:
+        theory = theory_slope(p, m, g0_cell=g0, gating=gating)
+        extra = {"cell_size": m, "subset": f"cell_size_{j} = {m}", "theory": math.nan if reason else theory}
+        rows.extend(_rows(sub[sizes == m], col, meths, level, {**label, **extra}))
+    return rows
+
+
 def parameter_rates(df: pd.DataFrame, estimators: Sequence[str] | None = None,
                     parameters: Sequence[str] = PARAMETERS, n_boot: int | None = None, level: float = 0.95,
-                    seed: int | None = None, methods: str | Sequence[str] | None = None) -> pd.DataFrame:
+                    seed: int | None = None, methods: str | Sequence[str] | None = None,
+                    split_cells: bool = True) -> pd.DataFrame:
     """Rates of the per-atom parameter errors with the theoretical slope of each.
 
     Reads every column ``{parameter}_{kind}_{j}`` whose ``kind`` contains ``err`` (``slope_err_1``,
@@ -464,13 +481,19 @@ def parameter_rates(df: pd.DataFrame, estimators: Sequence[str] | None = None,
         Ignored (kept for older callers).
     level : float
     methods : str or sequence of {"ols", "median"}, optional
+    split_cells : bool
+        When atom ``j``'s cell size differs between replicates at the largest ``n`` (in an over-fitted
+        model the surplus atom joins one true atom in some replicates and another in others), add one
+        row per size ``m`` found there, from the records (at every ``n``) whose cell ``j`` holds ``m``
+        atoms, with the theory of ``m`` (column ``subset``: ``"cell_size_j = m"``). These rows come
+        after the row over all records, whose theory uses the most frequent size.
 
     Returns
     -------
     DataFrame
         Columns ``kind`` (``"parameter"``), ``estimator``, ``statistic`` (the column), ``method``,
-        ``parameter``, ``atom``, ``cell_size``, ``cell_size_agree``, ``slope``, ``lo``, ``hi``, ...,
-        ``theory``, ``agrees``, ``theory_note``, ``warning``.
+        ``parameter``, ``atom``, ``cell_size``, ``cell_size_agree``, ``subset``, ``slope``, ``lo``,
+        ``hi``, ..., ``theory``, ``agrees``, ``theory_note``, ``warning``.
     """
     level = check_probability("level", level)
     df = _check_df(df)
@@ -492,9 +515,12 @@ def parameter_rates(df: pd.DataFrame, estimators: Sequence[str] | None = None,
             theory = theory_slope(p, m, g0_cell=d2 and j == 0, gating=gating)
             note = reason or ("" if np.isfinite(theory) else f"cell {j} is empty at the largest n")
             label = {"kind": "parameter", "estimator": e, "statistic": col, "parameter": p, "atom": j,
-                     "cell_size": m, "cell_size_agree": agree, "theory": math.nan if reason else theory,
+                     "cell_size": m, "cell_size_agree": agree, "subset": "", "theory": math.nan if reason else theory,
                      "theory_note": note}
             rows.extend(_rows(sub, col, meths, level, label))
+            if not agree and split_cells:
+                rows.extend(_split_by_cell_size(sub, col, p, j, d2 and j == 0, gating, reason, meths, level,
+                                                {**label, "cell_size_agree": True}))
     _warn(rows)
     return _finish(rows)
 
@@ -559,7 +585,7 @@ def contraction_rates(df: pd.DataFrame, statistics: Sequence[str] | None = None,
 
 
 _COLUMNS = ["kind", "estimator", "statistic", "method", "parameter", "atom", "cell_size", "cell_size_agree",
-            "slope", "lo", "hi", "level", "width", "se", "df", "theory", "agrees", "theory_note", "warning",
+            "subset", "slope", "lo", "hi", "level", "width", "se", "df", "theory", "agrees", "theory_note", "warning",
             "intercept", "n_points", "n_sizes", "n_reps", "n_min", "n_max", "dropped"]
 
 
@@ -599,6 +625,8 @@ def rates_markdown(rates: pd.DataFrame, columns: Sequence[str] | None = None, di
             columns.append("method")
         if "cell_size" in rates.columns and rates["cell_size"].notna().any():
             columns.append("cell_size")
+        if "subset" in rates.columns and (rates["subset"].fillna("") != "").any():
+            columns.append("subset")
     level = rates["level"].dropna().iloc[0] if "level" in rates.columns and rates["level"].notna().any() else 0.95
     head = [*columns, f"measured slope [{100 * level:g}% CI]", "width", "sizes × reps", "theory", "agrees", "note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]

@@ -205,10 +205,31 @@ def test_d2_g0_cell_and_disagreeing_replicates(rng):
     df["loss_kind"] = "D2"
     df["cell_size_0"] = np.where(df["replicate"] < 3, 1, 0)
     df["cell_size_1"] = 1
-    rates = parameter_rates(df).set_index("statistic")
+    rates = parameter_rates(df, split_cells=False).set_index("statistic")
     assert rates.loc["slope_err_0", "atom"] == 0
     assert rates.loc["slope_err_0", "cell_size"] == 1 and rates.loc["slope_err_0", "theory"] == -0.5
     assert not rates.loc["slope_err_0", "cell_size_agree"]
+
+
+def test_per_atom_rates_split_by_cell_size_when_replicates_disagree(rng):
+    """Over-fitted: the surplus atom joins atom 1 in half the replicates and atom 2 in the others. The
+    row over all records takes the most frequent size; the split rows give each size its own theory
+    and recover the slope of the records that have it."""
+    df = _synthetic(rng, {"voronoi": -0.5}, estimators=("em",), reps=8)
+    merged_1 = df["replicate"] % 2 == 0
+    df["cell_size_1"] = np.where(merged_1, 2, 1)
+    df["cell_size_2"] = np.where(merged_1, 1, 2)
+    noise = np.exp(rng.normal(0, 0.15, len(df)))
+    df["slope_err_1"] = np.where(merged_1, df["n"] ** -0.125, df["n"] ** -0.5) * noise
+    rates = parameter_rates(df, parameters=["slope"])
+    assert list(rates["subset"]) == ["", "cell_size_1 = 1", "cell_size_1 = 2"]
+    split = rates[rates["subset"] != ""].set_index("cell_size")
+    assert split.loc[1, "theory"] == -0.5 and split.loc[2, "theory"] == -1 / 8
+    assert bool(split["agrees"].all()) and bool(split["cell_size_agree"].all())
+    assert (split["n_reps"] == 4).all()
+    assert not rates["cell_size_agree"].iloc[0]
+    assert "cell_size_1 = 2" in rates_markdown(rates)
+    assert len(parameter_rates(df, parameters=["slope"], split_cells=False)) == 1
 
 
 def test_contraction_rates_table_and_failed_cells(rng):
