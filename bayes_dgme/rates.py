@@ -592,7 +592,7 @@ _COLUMNS = ["kind", "estimator", "statistic", "method", "parameter", "atom", "ce
 def _finish(rows: list[dict[str, Any]]) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=[c for c in _COLUMNS if c != "agrees"])
     for col in ("subset", "theory_note", "warning"):
-        df[col] = df[col].fillna("").astype(str)
+        df[col] = df[col].astype(object).where(df[col].notna(), "").astype(str)
     tol = 1e-9
     df["agrees"] = ((df["lo"] - tol <= df["theory"]) & (df["theory"] <= df["hi"] + tol)).astype("boolean")
     df.loc[df["theory"].isna() | df["lo"].isna(), "agrees"] = pd.NA
