@@ -36,6 +36,7 @@ import shutil
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +44,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 import bayes_dgme as bd
-from bayes_dgme.rates import rates_markdown, write_rates
+from bayes_dgme.rates import RateWarning, rates_markdown, write_rates
 
 HERE = Path(__file__).resolve().parent
 OUTPUT = HERE / "output"
@@ -270,7 +271,11 @@ def main(argv=None) -> int:
         if ok.empty:
             say(f"{name}: no finished cells, no rates")
             continue
-        rates = bd.contraction_rates(df, methods=("ols", "median"))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RateWarning)
+            rates = bd.contraction_rates(df, methods=("ols", "median"))
+        for w in caught:
+            say(f"{name}: {w.message}")
         rates.insert(0, "setting", name)
         parts.append(rates)
     if not parts:
