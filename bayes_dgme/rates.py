@@ -20,10 +20,12 @@ Methods (column ``method``)
 ``"ols"`` (default)
     ``β̂`` = least-squares slope of the per-size means of ``log L`` on ``log n`` (with the same number
     of replicates at every size this is OLS over all points). Interval: the random-effects (size
-    level) model above fitted by REML, which has a closed form here: if the scatter of the size means
-    about the line exceeds what the replicate scatter alone explains, ``σ_u² > 0`` and
-    ``Var β̂ = s²_sizes / Σ(x_k − x̄)²`` with ``K − 2`` degrees of freedom; otherwise ``σ̂_u² = 0`` and
-    the residuals of all points are pooled (``N − 2`` degrees of freedom). Student-t interval.
+    level) model above fitted by REML, which has a closed form with equal replicate counts (with
+    unequal counts the same rule on the per-size means is an approximation): if the scatter of the
+    size means about the line exceeds what the replicate scatter alone explains (``s²_sizes >
+    s²_within · mean(1/R_k)``), ``σ̂_u² > 0`` and ``Var β̂ = s²_sizes / Σ(x_k − x̄)²`` with ``K − 2``
+    degrees of freedom; otherwise ``σ̂_u² = 0`` and the residuals of all points are pooled (``N − 2``
+    degrees of freedom). Student-t interval. Column ``df`` says which applied.
 ``"median"`` (robust)
     ``β̂`` = least-squares slope of the per-size **medians** of ``log L`` on ``log n``; a few wild
     replicates (fewer than half at each size) do not move it. Interval: Student-t on the scatter of
