@@ -207,7 +207,8 @@ def figure(frames: dict[str, pd.DataFrame], rates: pd.DataFrame, path: Path) -> 
         ax = axes[1, col]
         par = _per_atom_statistics(rates[(rates.setting == name) & (rates.estimator == "em")
                                          & (rates.method == "median")])
-        par = par[par["parameter"].isin(["slope", "variance"])]
+        # one line per (atom, parameter) over all replicates; the split-by-cell-size rows are in the tables
+        par = par[par["parameter"].isin(["slope", "variance"]) & (par["subset"].fillna("") == "")]
         for i, (_, r) in enumerate(par.iterrows()):
             vals = em[r["statistic"]].astype(float)
             good = np.isfinite(vals) & (vals > 0)
