@@ -274,9 +274,17 @@ def fit_posterior(X, Y, known, k: int, *, gating: str = "constant", priors=None,
     timings["loglik"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if predictive:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            tree = sample_predictive(model, tree, seed=_child_int(root, 2), extend=True)
+        import logging
+
+        logger = logging.getLogger("pymc")
+        level = logger.level
+        logger.setLevel(logging.WARNING)  # not "Sampling: [y]"
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                tree = sample_predictive(model, tree, seed=_child_int(root, 2), extend=True)
+        finally:
+            logger.setLevel(level)
     timings["predictive"] = time.perf_counter() - t0
     if names is not None:
         tree = _rename_covariates(tree, names)
