@@ -783,7 +783,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Warnings a user cannot act on: numerical noise inside the libraries, ArviZ's notes on constant
 #: quantities, EM's variance floor (it concerns a start or a bootstrap replicate, not the result).
-_SILENT_MESSAGES = (".*single value.*", ".*variance floor.*", ".*object mode.*", ".*Pareto.*",
+_SILENT_MESSAGES = (".*single value.*", "variance_floor", ".*variance floor.*", ".*object mode.*", ".*Pareto.*",
                     ".*[Cc]omputing .* on DataTree.*")
 
 
@@ -818,7 +818,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")  # reports are files: never open a window
     # worker processes (bootstrap, studies) start with the same quiet numerical warnings
     os.environ.setdefault("PYTHONWARNINGS", "ignore::RuntimeWarning,ignore::DeprecationWarning,"
-                                            "ignore::FutureWarning")
+                                            "ignore::FutureWarning,ignore:variance_floor")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

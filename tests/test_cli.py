@@ -357,3 +357,17 @@ def test_spec_without_truth(workdir, data_csv):
     assert proc.returncode == 0, proc.stderr
     assert "no Voronoi loss" in proc.stdout and "voronoi_loss" not in json.loads(out.read_text())
     assert_user_error(run("simulate", spec, "--n", 10, "--out", workdir / "nt.csv"), "[truth]")
+
+
+def test_warnings_users_cannot_act_on_are_hidden(capsys):
+    import warnings
+
+    with warnings.catch_warnings():
+        cli._filter_warnings()
+        with np.errstate(all="warn"):
+            np.log(np.zeros(1))  # RuntimeWarning from numerical code
+        warnings.warn("variance_floor: expert variance(s) at the floor 0.001·var(Y)", UserWarning, stacklevel=1)
+        warnings.warn("Your data appears to have a single value or no finite values", UserWarning, stacklevel=1)
+        warnings.warn("max_iter: EM did not converge\n in 10 iterations", UserWarning, stacklevel=1)
+    err = capsys.readouterr().err.strip()
+    assert err == "bayes-dgme: warning: max_iter: EM did not converge in 10 iterations"
