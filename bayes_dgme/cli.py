@@ -280,7 +280,11 @@ def _get_data(args, scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray | None
     """
     x_cols, y_col = _names(getattr(args, "x", None)), getattr(args, "y", None)
     if getattr(args, "data", None):
-        X, Y = read_data(args.data, x=x_cols, y=y_col, d=scenario.d)
+        try:
+            d = scenario.d
+        except (AttributeError, TypeError, ValueError):  # a spec that does not fix d: the columns do
+            d = None
+        X, Y = read_data(args.data, x=x_cols, y=y_col, d=d)
         names = list(X.columns)
         info = {"source": str(args.data), "n": int(Y.size), "x": names, "y": y_col or "y"}
         return X.to_numpy(dtype=float), Y, None, info, names
