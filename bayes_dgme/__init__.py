@@ -50,6 +50,11 @@ _LAZY = {
     "density_distance": "tightness",
     "cancelling_direction": "tightness",
     "DGMELogp": "fused",
+    "fit_posterior": "pipeline",
+    "fit_scenario": "pipeline",
+    "PosteriorFit": "pipeline",
+    "write_fit": "fitfile",
+    "read_fit": "fitfile",
 }
 
 __all__ = [

@@ -2,20 +2,28 @@
 
 Commands (``bayes-dgme COMMAND --help`` for each)::
 
-    bayes-dgme simulate SCENARIO --n N --seed S --out data.csv
-    bayes-dgme fit      SCENARIO [--data data.csv | --n N] --draws D --tune T --chains C --seed S --out fit.nc
-    bayes-dgme mle      SCENARIO [--data data.csv | --n N] --method em|map --out estimate.json
-    bayes-dgme study    SCENARIO --n 500,1000,2000 --reps R --estimators posterior,map,em --out DIR
+    bayes-dgme simulate SPEC --n N --seed S --out data.csv
+    bayes-dgme fit      SPEC [--data FILE [--x COL,... --y COL] | --n N] --draws D --tune T --chains C --seed S
+                        --out fit.nc [--report fit.html]
+    bayes-dgme mle      SPEC [--data FILE | --n N] --method em|map --out estimate.json
+    bayes-dgme study    SPEC --n 500,1000,2000 --reps R --estimators posterior,map,em --out DIR [--extend]
                         [--cluster local|tcp://HOST:PORT] [--workers W]
     bayes-dgme report   PATH --out report.html        (PATH: a fit.nc or a study folder)
-    bayes-dgme test     SCENARIO [--data data.csv | --n N] --boot B    (H0: λ = 0, the deviation test)
+    bayes-dgme test     SPEC [--data FILE | --n N] --boot B    (H0: λ = 0, the deviation test)
     bayes-dgme demo     [--out DIR]
+    bayes-dgme --version
 
-``SCENARIO`` is a name from ``models/`` (``bayes-dgme fit d2_over``) or a path to a TOML scenario file;
-it defaults to `bayes_dgme.DEFAULT_SCENARIO`. Data files are CSV with columns ``x1..xd, y``.
+``SPEC`` is a scenario name from ``models/`` (``bayes-dgme fit d2_over``) or a path to a TOML model spec;
+it defaults to `bayes_dgme.DEFAULT_SCENARIO`. A spec without ``[truth]`` works with ``--data``: everything
+that needs a truth (losses, truth columns) is skipped with a sentence. Data files are CSV or Parquet;
+``--x``/``--y`` name the covariate and response columns (default ``x1..xd`` and ``y``), and the covariate
+names label the posterior's ``covariate`` coordinate, the reports and the plots.
 
-User errors (missing file, unknown scenario, malformed TOML or CSV, bad option values) end with exit
-status 2 and one line on stderr, without traceback; set ``BAYES_DGME_DEBUG=1`` to see the traceback.
+Every output location is checked before any fitting starts, and every file is written atomically (a
+failed write keeps the previous file). User errors (missing file, unknown spec, malformed TOML or CSV,
+bad option values, unwritable output) end with exit status 2 and one line on stderr, without traceback;
+set ``BAYES_DGME_DEBUG=1`` to see the traceback. Warnings a user can act on are printed as one line;
+numerical warnings from inside the libraries are not shown.
 """
 
 from __future__ import annotations
@@ -25,13 +33,14 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import numpy as np
 
-__all__ = ["main", "build_parser", "read_data_csv", "write_data_csv", "CLIError", "DEMO"]
+__all__ = ["main", "build_parser", "read_data", "read_data_csv", "write_data_csv", "CLIError", "DEMO"]
 
 PROG = "bayes-dgme"
 
@@ -113,19 +122,34 @@ def _probability(text: str) -> float:
 
 
 # ====================================================================== data files
-def read_data_csv(path: str | Path, d: int) -> tuple[np.ndarray, np.ndarray]:
-    """Read a data file with columns ``x1..xd, y`` (other columns are ignored).
+def _default_columns(d: int) -> list[str]:
+    return [f"x{j + 1}" for j in range(d)]
+
+
+def _columns_text(x: Sequence[str], y: str) -> str:
+    if len(x) > 2 and list(x) == _default_columns(len(x)):
+        return f"x1..x{len(x)}, {y}"
+    return ", ".join([*x, y])
+
+
+def read_data(path: str | Path, x: Sequence[str] | None = None, y: str | None = None, d: int | None = None):
+    """Read covariates and responses from a CSV or Parquet file with named columns.
 
     Parameters
     ----------
     path : str or Path
-        CSV file with a header row.
-    d : int
-        Number of covariates the scenario expects.
+        A CSV file with a header row, or a Parquet file (``.parquet``, ``.pq``).
+    x : sequence of str, optional
+        Covariate columns (default ``x1..xd``).
+    y : str, optional
+        Response column (default ``y``).
+    d : int, optional
+        Number of covariates the model expects (checked against ``x``).
 
     Returns
     -------
-    X : ndarray, shape (n, d)
+    X : pandas.DataFrame, shape (n, d)
+        Float columns named like the covariates.
     Y : ndarray, shape (n,)
 
     Raises
@@ -133,25 +157,45 @@ def read_data_csv(path: str | Path, d: int) -> tuple[np.ndarray, np.ndarray]:
     FileNotFoundError
         No such file.
     ValueError
-        Empty file, missing columns, a value that is not a number, NaN or infinite values; the
-        message names the file, the column and the row.
+        Empty or unreadable file, missing columns, a value that is not a number, NaN or infinite
+        values, or a number of covariates the model does not have; the message names the file, the
+        column and the row.
     """
     import pandas as pd
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such data file")
+    if x is None:
+        if d is None:
+            raise ValueError("x: name the covariate columns (or give d)")
+        x = _default_columns(d)
+    x = [str(c).strip() for c in x]
+    y = "y" if y is None else str(y).strip()
+    if d is not None and len(x) != d:
+        raise ValueError(f"--x: the model has d = {d} covariate(s), got {len(x)} column(s): {', '.join(x)}")
+    if len(set(x)) != len(x) or y in x:
+        raise ValueError(f"--x: columns must be distinct and differ from the response, got {', '.join(x)}; y = {y}")
+    expected = _columns_text(x, y)
+    parquet = path.suffix.lower() in (".parquet", ".pq")
     try:
-        df = pd.read_csv(path, skipinitialspace=True)
+        if parquet:
+            df = pd.read_parquet(path)
+        else:
+            df = pd.read_csv(path, skipinitialspace=True)
     except pd.errors.EmptyDataError:
-        raise ValueError(f"{path}: empty data file (expected a header x1..x{d}, y and rows)") from None
+        raise ValueError(f"{path}: empty data file (expected a header with columns {expected}, and rows)") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not a readable CSV file ({' '.join(str(err).split())})") from None
+    except (ImportError, OSError, ValueError) as err:
+        if isinstance(err, FileNotFoundError):
+            raise
+        kind = "Parquet" if parquet else "CSV"
+        raise ValueError(f"{path}: not a readable {kind} file ({' '.join(str(err).split())})") from None
     df.columns = [str(c).strip() for c in df.columns]
-    want = [f"x{j + 1}" for j in range(d)] + ["y"]
+    want = [*x, y]
     missing = [c for c in want if c not in df.columns]
     if missing:
-        expected = "x1, y" if d == 1 else f"x1..x{d}, y"
         raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected columns {expected} "
                          f"(found: {', '.join(map(str, df.columns)) or 'none'})")
     if df.empty:
@@ -170,21 +214,35 @@ def read_data_csv(path: str | Path, d: int) -> tuple[np.ndarray, np.ndarray]:
             what = "missing value (NaN)" if np.isnan(values[row]) else "infinite value"
             raise ValueError(f"{path}: column {c}, row {row + 1}: {what}")
         arrays[c] = values
-    X = np.column_stack([arrays[f"x{j + 1}"] for j in range(d)])
-    return X, arrays["y"]
+    X = pd.DataFrame({c: arrays[c] for c in x})
+    return X, arrays[y]
+
+
+def read_data_csv(path: str | Path, d: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read a data file with columns ``x1..xd, y`` (other columns are ignored); see `read_data`.
+
+    Returns
+    -------
+    X : ndarray, shape (n, d)
+    Y : ndarray, shape (n,)
+    """
+    X, Y = read_data(path, d=d)
+    return X.to_numpy(dtype=float), Y
 
 
 def write_data_csv(path: str | Path, X: np.ndarray, Y: np.ndarray, labels: np.ndarray | None = None) -> Path:
-    """Write ``X, Y`` as CSV with columns ``x1..xd, y`` (and ``source`` when labels are given)."""
+    """Write ``X, Y`` as CSV with columns ``x1..xd, y`` (and ``source`` when labels are given), atomically."""
     import pandas as pd
+
+    from .fitfile import atomic_output
 
     path = Path(path)
     cols = {f"x{j + 1}": X[:, j] for j in range(X.shape[1])}
     cols["y"] = Y
     if labels is not None:
         cols["source"] = labels
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(cols).to_csv(path, index=False, float_format="%.17g")
+    with atomic_output(path) as tmp:
+        pd.DataFrame(cols).to_csv(tmp, index=False, float_format="%.17g")
     return path
 
 
@@ -195,23 +253,62 @@ def _scenario(name: str | None):
     return load_scenario(name or DEFAULT_SCENARIO)
 
 
-def _get_data(args, scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
-    """Data from ``--data`` or simulated from the scenario (``--n``, ``--seed``)."""
+def _truth(scenario):
+    """The spec's truth, or None (a model spec without ``[truth]``)."""
+    return getattr(scenario, "truth", None)
+
+
+def _known(scenario):
+    from .pipeline import _scenario_known
+
+    return _scenario_known(scenario)
+
+
+def _names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = [p.strip() for p in text.split(",")]
+    if not names or any(not p for p in names):
+        raise ValueError(f"--x: expected comma-separated column names, got {text!r}")
+    return names
+
+
+def _get_data(args, scenario) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any], list[str]]:
+    """Data from ``--data`` (columns ``--x``, ``--y``) or simulated from the spec's truth (``--n``, ``--seed``).
+
+    Returns ``X, Y, labels, provenance, covariate names``.
+    """
+    x_cols, y_col = _names(getattr(args, "x", None)), getattr(args, "y", None)
     if getattr(args, "data", None):
-        X, Y = read_data_csv(args.data, scenario.d)
-        return X, Y, None, {"source": str(args.data), "n": int(Y.size)}
+        try:
+            d = scenario.d
+        except (AttributeError, TypeError, ValueError):  # a spec that does not fix d: the columns do
+            d = None
+        X, Y = read_data(args.data, x=x_cols, y=y_col, d=d)
+        names = list(X.columns)
+        info = {"source": str(args.data), "n": int(Y.size), "x": names, "y": y_col or "y"}
+        return X.to_numpy(dtype=float), Y, None, info, names
+    if x_cols is not None or y_col is not None:
+        raise ValueError("--x/--y: name columns of a data file; add --data FILE")
+    if _truth(scenario) is None:
+        raise ValueError(f"--data: the model spec {scenario.name!r} has no [truth] to simulate from; "
+                         "pass a data file with --data FILE")
     X, Y, labels = scenario.simulate(args.n, seed=args.seed, return_labels=True)
-    return X, Y, labels, {"source": "simulated", "n": int(args.n), "seed": args.seed}
+    info = {"source": "simulated", "n": int(args.n), "seed": args.seed}
+    return X, Y, labels, info, _default_columns(X.shape[1])
 
 
-def _out_path(path: str, suffixes: Sequence[str] | None = None) -> Path:
-    p = Path(path)
-    if p.exists() and p.is_dir():
-        raise ValueError(f"--out: {path!r} is a folder, expected a file name")
-    if suffixes and p.suffix.lower() not in suffixes:
-        raise ValueError(f"--out: expected a file ending in {' or '.join(suffixes)}, got {path!r}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    return p
+def _out_path(path: str, suffixes: Sequence[str] | None = None, what: str = "--out") -> Path:
+    """Check that ``path`` can be written (before any work starts)."""
+    from .fitfile import check_writable
+
+    return check_writable(path, what=what, suffixes=tuple(suffixes) if suffixes else None)
+
+
+def _write_json(path: Path, record: dict[str, Any]) -> None:
+    from .fitfile import atomic_write_text, json_safe
+
+    atomic_write_text(path, json.dumps(json_safe(record), indent=2) + "\n")
 
 
 def _say(msg: str = "") -> None:
@@ -238,63 +335,92 @@ def cmd_simulate(args) -> int:
     """Write simulated data of a scenario as CSV (``bayes-dgme simulate``)."""
     scenario = _scenario(args.scenario)
     out = _out_path(args.out, [".csv"])
+    if _truth(scenario) is None:
+        raise ValueError(f"scenario: the model spec {scenario.name!r} has no [truth] to simulate from")
     X, Y, labels = scenario.simulate(args.n, seed=args.seed, return_labels=True)
     write_data_csv(out, X, Y, labels if args.labels else None)
     share = float(np.mean(labels >= 0))
-    _say(f"wrote {out}: n = {Y.size} rows of scenario {scenario.name} (columns "
-         f"{'x1' if scenario.d == 1 else f'x1..x{scenario.d}'}, y{', source' if args.labels else ''}); "
-         f"{100 * share:.0f}% of the rows come from the experts (λ* = {float(scenario.truth.lam):g})")
+    cols = _columns_text(_default_columns(scenario.d), "y")
+    _say(f"wrote {out}: n = {Y.size} rows of scenario {scenario.name} (columns {cols}"
+         f"{', source' if args.labels else ''}); {100 * share:.0f}% of the rows come from the experts "
+         f"(λ* = {float(scenario.truth.lam):g})")
     return 0
 
 
-def _fit_posterior(scenario, X, Y, settings: dict[str, Any], seed, progress: bool = True, init: str = "em"):
-    from .model import build_model
-    from .sampling import sample, sample_predictive
+def _fit(scenario, X, Y, names, settings: dict[str, Any], seed, progress: bool, init: str = "em"):
+    """The posterior through `bayes_dgme.pipeline.fit_scenario`, with predictive draws and log-likelihood."""
+    from .pipeline import fit_scenario
 
-    model = build_model(X, Y, scenario.truth.known, scenario.k, gating=scenario.gating, priors=scenario.priors)
-    tree = sample(model, draws=settings["draws"], tune=settings["tune"], chains=settings["chains"], seed=seed,
-                  sampler=settings["sampler"], target_accept=settings["target_accept"], progressbar=progress,
-                  log_likelihood=False, init="em" if init == "em" else None)
-    return sample_predictive(model, tree, seed=seed, extend=True)
+    return fit_scenario(scenario, X, Y, seed=seed, progress=progress, draws=settings["draws"],
+                        tune=settings["tune"], chains=settings["chains"], sampler=settings["sampler"],
+                        init=init, log_likelihood=True, predictive=True, covariates=names)
+
+
+def _fit_metadata(fit, data_info: dict[str, Any], settings: dict[str, Any], seed) -> dict[str, Any]:
+    meta: dict[str, Any] = {"data": data_info, "sampler": {**settings, "seed": seed}, "timings": dict(fit.timings),
+                            "seconds": fit.timings.get("total")}
+    if fit.start is not None:
+        meta["start"] = fit.start.to_dict()
+    return meta
+
+
+def _diagnostics_line(table) -> str:
+    """One line of the label-invariant and label-dependent diagnostics (thresholds from `bayes_dgme.diagnostics`)."""
+    from .diagnostics import RHAT_MAX
+
+    parts = []
+    for kind in ("label-invariant", "label-dependent"):
+        sub = table[table["kind"] == kind]
+        if sub.empty:
+            continue
+        bad = list(sub.loc[~sub["ok"].astype(bool), "quantity"])
+        rhat = sub["rhat"].astype(float)
+        r = f"max R-hat {rhat.max():.3f}" if rhat.notna().any() else "R-hat n/a (one chain)"
+        parts.append(f"{kind}: " + ("passed" if not bad else "FAILED " + ", ".join(bad)) + f" ({r}, "
+                     f"min ESS {sub[['ess_bulk', 'ess_tail']].min().min():.0f})")
+    return "; ".join(parts) + f" [R-hat ≤ {RHAT_MAX}]"
 
 
 def cmd_fit(args) -> int:
     """Sample the posterior, run the deviation test and write the fit file (``bayes-dgme fit``)."""
-    from .posterior import posterior_losses
-    from .report import fit_report, sampler_checks, save_fit
+    from .fitfile import write_fit
 
     scenario = _scenario(args.scenario)
     out = _out_path(args.out, [".nc"])
-    report_out = _out_path(args.report, [".html", ".htm"]) if args.report else None
-    X, Y, labels, data_info = _get_data(args, scenario)
+    report_out = _out_path(args.report, [".html", ".htm"], what="--report") if args.report else None
+    X, Y, labels, data_info, names = _get_data(args, scenario)
+    truth = _truth(scenario)
     settings = _sampler_settings(args, scenario)
-    _say(f"fitting scenario {scenario.name}: n = {Y.size}, k = {scenario.k}, {settings['chains']} chains × "
-         f"{settings['draws']} draws (+{settings['tune']} tuning), sampler {settings['sampler']}")
-    t0 = time.perf_counter()
-    tree = _fit_posterior(scenario, X, Y, settings, args.seed, progress=not args.quiet, init=args.init)
-    seconds = time.perf_counter() - t0
-    meta: dict[str, Any] = {"data": data_info, "sampler": {**settings, "seed": args.seed}, "seconds": seconds}
+    _say(f"fitting {scenario.name}: n = {Y.size}, covariates {', '.join(names)}, k = {scenario.k}, "
+         f"{settings['chains']} chain(s) × {settings['draws']} draws (+{settings['tune']} tuning), "
+         f"sampler {settings['sampler']}")
+    fit = _fit(scenario, X, Y, names, settings, args.seed, progress=not args.quiet, init=args.init)
+    tree = fit.tree
+    meta = _fit_metadata(fit, data_info, settings, args.seed)
     if args.deviation_test:
         from .deviation import deviation_test
 
         _say(f"deviation test: EM and a parametric bootstrap with B = {args.boot} replicates ...")
-        res = deviation_test(X, Y, scenario.truth.known, scenario.k, gating=scenario.gating, n_boot=args.boot,
+        res = deviation_test(X, Y, _known(scenario), scenario.k, gating=scenario.gating, n_boot=args.boot,
                              seed=args.seed, workers=args.workers, priors=scenario.priors, posterior=tree,
                              threshold=args.threshold)
         meta["deviation"] = {key: value for key, value in res.to_dict().items() if key != "lr_boot"}
-    save_fit(tree, out, scenario, X, Y, labels=labels, meta=meta)
-    loss = np.asarray(posterior_losses(tree, scenario.truth).values, dtype=float).ravel()
-    var_names = [v for v in ("lam", "weights", "gate_intercepts", "gate_slopes", "slopes", "intercepts",
-                             "variances") if v in tree["posterior"].data_vars]
-    checks = sampler_checks(tree, var_names)
-    failed = [c["check"] for c in checks if c["status"] == "fail"]
-    lam = np.asarray(tree["posterior"]["lam"].values).ravel()
-    _say(f"sampled in {seconds:.1f} s; wrote {out}")
+    write_fit(out, tree, scenario=scenario, labels=labels, metadata=meta)
+    lam = tree["posterior"]["lam"].values.ravel()
+    _say(f"sampled in {fit.timings['sample']:.1f} s (total {fit.timings['total']:.1f} s); wrote {out}")
+    lam_truth = f" (truth {float(truth.lam):g})" if truth is not None else ""
     _say(f"  λ: posterior mean {lam.mean():.3f}, 95% interval [{np.quantile(lam, 0.025):.3f}, "
-         f"{np.quantile(lam, 0.975):.3f}] (truth {float(scenario.truth.lam):g})")
-    _say(f"  Voronoi loss {scenario.loss_kind}: posterior mean {loss.mean():.4g}, median {np.median(loss):.4g}, "
-         f"90% quantile {np.quantile(loss, 0.9):.4g}")
-    _say("  sampler checks: " + ("all passed" if not failed else "FAILED " + ", ".join(failed)))
+         f"{np.quantile(lam, 0.975):.3f}]{lam_truth}")
+    if truth is not None:
+        from .posterior import posterior_losses
+
+        loss = posterior_losses(tree, truth)
+        v = loss.values.ravel()
+        _say(f"  Voronoi loss {loss.attrs.get('loss', '')}: posterior mean {v.mean():.4g}, median {np.median(v):.4g}, "
+             f"90% quantile {np.quantile(v, 0.9):.4g}")
+    else:
+        _say("  Voronoi loss: skipped (the model spec has no [truth])")
+    _say("  diagnostics: " + _diagnostics_line(fit.diagnostics))
     if "deviation" in meta:
         dv = meta["deviation"]
         lbf = dv.get("log_bayes_factor")
@@ -302,6 +428,8 @@ def cmd_fit(args) -> int:
         _say(f"  deviation test: LR = {_fmt(dv['lr_statistic'] or float('nan'))}, bootstrap p = "
              f"{_fmt(dv['p_value'] or float('nan'))}, BF10 = {bf}")
     if report_out is not None:
+        from .report import fit_report
+
         fit_report(out, report_out)
         _say(f"  report: {report_out}")
     else:
@@ -311,34 +439,36 @@ def cmd_fit(args) -> int:
 
 def cmd_mle(args) -> int:
     """Fit EM or MAP and write the estimate as JSON (``bayes-dgme mle``)."""
-    from .losses import voronoi_loss
-    from .results import _json_value
-
     scenario = _scenario(args.scenario)
     out = _out_path(args.out, [".json"])
-    X, Y, _labels, data_info = _get_data(args, scenario)
+    X, Y, _labels, data_info, _cols = _get_data(args, scenario)
+    truth = _truth(scenario)
     kw: dict[str, Any] = {"gating": scenario.gating, "seed": args.seed}
     if args.restarts is not None:
         kw["restarts"] = args.restarts
-    _say(f"{args.method.upper()} on scenario {scenario.name}: n = {Y.size}, k = {scenario.k}")
+    _say(f"{args.method.upper()} on {scenario.name}: n = {Y.size}, k = {scenario.k}")
     if args.method == "em":
         from .em import fit_em
 
-        res = fit_em(X, Y, scenario.truth.known, scenario.k, **kw)
+        res = fit_em(X, Y, _known(scenario), scenario.k, **kw)
     else:
         from .map import fit_map
 
-        res = fit_map(X, Y, scenario.truth.known, scenario.k, priors=scenario.priors if args.priors else None, **kw)
-    loss = float(voronoi_loss(res.params, scenario.truth))
-    record = {
-        "scenario": scenario.name, "method": args.method, "data": data_info, "k": scenario.k,
-        "gating": scenario.gating, "voronoi_loss": loss, "loss_kind": scenario.loss_kind,
-        "truth": scenario.truth.params.to_dict(), **res.to_dict(),
-    }
-    out.write_text(json.dumps(_json_value(record), indent=2) + "\n", encoding="utf-8")
+        res = fit_map(X, Y, _known(scenario), scenario.k, priors=scenario.priors if args.priors else None, **kw)
+    record: dict[str, Any] = {"scenario": scenario.name, "method": args.method, "data": data_info, "k": scenario.k,
+                              "gating": scenario.gating}
+    loss = None
+    if truth is not None:
+        from .losses import voronoi_loss
+
+        loss = float(voronoi_loss(res.params, truth))
+        record.update({"voronoi_loss": loss, "loss_kind": scenario.loss_kind, "truth": truth.params.to_dict()})
+    record.update(res.to_dict())
+    _write_json(out, record)
     p = res.params
-    _say(f"log-likelihood {res.loglik:.4f}; λ̂ = {float(p.lam):.4f}; Voronoi loss {scenario.loss_kind} against the "
-         f"scenario's truth: {loss:.4g}")
+    tail = (f"; Voronoi loss {scenario.loss_kind} against the scenario's truth: {loss:.4g}" if loss is not None
+            else "; no Voronoi loss (the model spec has no [truth])")
+    _say(f"log-likelihood {res.loglik:.4f}; λ̂ = {float(p.lam):.4f}{tail}")
     _say(f"wrote {out}")
     return 0
 
@@ -351,15 +481,17 @@ def cmd_study(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {args.out!r} exists and is not a folder")
+    _out_path(out / "results.csv", what="--out")
+    report_out = _out_path(args.report, [".html", ".htm"], what="--report") if args.report else None
     df = run_study(scenario, n=args.n, reps=args.reps, estimators=args.estimators, out=out, seed=args.seed,
                    cluster=args.cluster, workers=args.workers, draws=args.draws, tune=args.tune,
-                   chains=args.chains, progress=not args.quiet, keep_posteriors=args.keep_posteriors)
-    _print_study_summary(df)
+                   chains=args.chains, progress=not args.quiet, keep_posteriors=args.keep_posteriors,
+                   extend=args.extend)
+    _print_study_summary(df, scenario)
     _say(f"results: {out / 'results.csv'}")
-    if args.report:
+    if report_out is not None:
         from .report import study_report
 
-        report_out = _out_path(args.report, [".html", ".htm"])
         study_report(out, report_out)
         _say(f"report: {report_out}")
     else:
@@ -367,8 +499,10 @@ def cmd_study(args) -> int:
     return 0
 
 
-def _print_study_summary(df) -> None:
+def _print_study_summary(df, scenario=None) -> None:
     import pandas as pd
+
+    from .diagnostics import RHAT_MAX
 
     if df.empty:
         _say("no finished cells")
@@ -384,16 +518,20 @@ def _print_study_summary(df) -> None:
         _say("mean Voronoi loss (posterior: mean over draws), by n and estimator:")
         _say(table.to_string())
     post = ok[ok["estimator"] == "posterior"]
-    if not post.empty and "rhat_max" in post.columns:
-        bad = post[(post["rhat_max"].astype(float) > 1.01) | (post.get("divergences", 0) > 0)]
+    rcol = "rhat_max_invariant" if "rhat_max_invariant" in post.columns else "rhat_max"
+    if not post.empty and rcol in post.columns:
+        div = post["divergences"].astype(float) if "divergences" in post.columns else 0
+        bad = post[(post[rcol].astype(float) > RHAT_MAX) | (div > 0)]
         if len(bad):
-            _say(f"warning: {len(bad)} of {len(post)} posterior fits have R-hat > 1.01 or divergences "
+            _say(f"warning: {len(bad)} of {len(post)} posterior fits have R-hat > {RHAT_MAX} or divergences "
                  "(listed under 'Per-cell diagnostics' in the study report); their losses are less trustworthy")
     if ok["n"].nunique() >= 2:
         from .rates import contraction_rates
 
+        truth = _truth(scenario) if scenario is not None else None
+        theory = "no rate theory at λ* = 0" if truth is not None and float(truth.lam) == 0 else "theory -1/2"
         rates = contraction_rates(ok, statistics=["voronoi"], per_cell=False, n_boot=500)
-        _say("rate of the Voronoi loss (slope of log loss on log n; theory -1/2):")
+        _say(f"rate of the Voronoi loss (slope of log loss on log n; {theory}):")
         for _, r in rates.iterrows():
             _say(f"  {r['estimator']:<10} {r['slope']:+.3f}  95% interval [{r['lo']:+.3f}, {r['hi']:+.3f}]")
 
@@ -418,28 +556,29 @@ def cmd_test(args) -> int:
 
     scenario = _scenario(args.scenario)
     out = _out_path(args.out, [".json"]) if args.out else None
-    X, Y, _labels, data_info = _get_data(args, scenario)
-    _say(f"deviation test on {data_info['source']} data (n = {Y.size}) against g0 of scenario {scenario.name} "
+    X, Y, _labels, data_info, _cols = _get_data(args, scenario)
+    _say(f"deviation test on {data_info['source']} data (n = {Y.size}) against g0 of {scenario.name} "
          f"with k = {scenario.k} experts")
     settings = _sampler_settings(args, scenario)
     sample_options = {"progressbar": not args.quiet, "sampler": settings["sampler"],
                       "target_accept": settings["target_accept"]}
-    res = deviation_test(X, Y, scenario.truth.known, scenario.k, gating=scenario.gating, threshold=args.threshold,
+    res = deviation_test(X, Y, _known(scenario), scenario.k, gating=scenario.gating, threshold=args.threshold,
                          level=args.level, n_boot=args.boot, seed=args.seed, workers=args.workers,
                          priors=scenario.priors, draws=settings["draws"], tune=settings["tune"],
                          chains=settings["chains"],
                          bayesian=not args.frequentist_only, sample_options=sample_options)
     _say(str(res))
     if out is not None:
-        record = {"scenario": scenario.name, "data": data_info, **res.to_dict()}
-        out.write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        _write_json(out, {"scenario": scenario.name, "data": data_info, **res.to_dict()})
         _say(f"wrote {out}")
     return 0
 
 
 def cmd_demo(args) -> int:
     """A posterior fit, a small study and both reports on the default scenario (``bayes-dgme demo``)."""
-    from .report import fit_report, save_fit, study_report
+    from .deviation import deviation_test
+    from .fitfile import write_fit
+    from .report import fit_report, study_report
     from .scenario import DEFAULT_SCENARIO, load_scenario
     from .study import run_study
 
@@ -452,7 +591,8 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out: {args.out!r} exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
+    for name in ("fit.nc", "fit_report.html", "study_report.html", "study/results.csv"):
+        _out_path(out / name)
     scenario = load_scenario(DEFAULT_SCENARIO)
     t_start = time.perf_counter()
     _say(f"bayes-dgme demo — scenario {scenario.name}: {scenario.description}")
@@ -461,17 +601,15 @@ def cmd_demo(args) -> int:
     settings = {"draws": cfg["fit_draws"], "tune": cfg["fit_tune"], "chains": cfg["chains"],
                 "sampler": scenario.sampler.sampler, "target_accept": scenario.sampler.target_accept}
     t0 = time.perf_counter()
-    tree = _fit_posterior(scenario, X, Y, settings, cfg["fit_seed"], progress=not args.quiet)
-    meta: dict[str, Any] = {"data": {"source": "simulated", "n": cfg["fit_n"], "seed": cfg["fit_seed"]},
-                            "sampler": {**settings, "seed": cfg["fit_seed"]}, "seconds": time.perf_counter() - t0}
-    from .deviation import deviation_test
-
+    fit = _fit(scenario, X, Y, _default_columns(scenario.d), settings, cfg["fit_seed"], progress=not args.quiet)
+    meta = _fit_metadata(fit, {"source": "simulated", "n": cfg["fit_n"], "seed": cfg["fit_seed"]}, settings,
+                         cfg["fit_seed"])
     _say(f"      deviation test (bootstrap B = {cfg['fit_boot']}) ...")
     res = deviation_test(X, Y, scenario.truth.known, scenario.k, gating=scenario.gating, n_boot=cfg["fit_boot"],
-                         seed=cfg["fit_seed"], workers=args.workers, priors=scenario.priors, posterior=tree)
+                         seed=cfg["fit_seed"], workers=args.workers, priors=scenario.priors, posterior=fit.tree)
     meta["deviation"] = {key: value for key, value in res.to_dict().items() if key != "lr_boot"}
-    fit_path = save_fit(tree, out / "fit.nc", scenario, X, Y, labels=labels, meta=meta)
-    _say(f"      done in {time.perf_counter() - t0:.0f} s")
+    fit_path = write_fit(out / "fit.nc", fit.tree, scenario=scenario, labels=labels, metadata=meta)
+    _say(f"      done in {time.perf_counter() - t0:.0f} s; diagnostics: {_diagnostics_line(fit.diagnostics)}")
     _say("[2/4] fit report")
     fit_report(fit_path, out / "fit_report.html")
     n_cells = len(cfg["study_n"]) * cfg["study_reps"] * len(cfg["estimators"])
@@ -483,12 +621,13 @@ def cmd_demo(args) -> int:
     _say("[4/4] study report")
     study_report(out / "study", out / "study_report.html")
     _say("")
-    _print_study_summary(df)
+    _print_study_summary(df, scenario)
     _say("")
     _say(f"demo finished in {time.perf_counter() - t_start:.0f} s. Where to look (open the .html files in a browser):")
     _say(f"  {out / 'fit_report.html'}")
-    _say("      one posterior: data with true and fitted experts, ArviZ summary with the truth, sampler checks,")
-    _say("      trace and rank plots, predictive check, Voronoi loss, deviation test")
+    _say("      one posterior: data with true and fitted experts, ArviZ summary with the truth, diagnostics")
+    _say("      (label-invariant and label-dependent), trace and rank plots, predictive check, Voronoi loss,")
+    _say("      deviation test")
     _say(f"  {out / 'study_report.html'}")
     _say("      the contraction study: loss against n on log-log axes, rates next to theory, per-cell diagnostics")
     _say(f"  {out / 'study' / 'results.csv'}   one row per (n, replicate, estimator), readable with pandas")
@@ -514,10 +653,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     def scenario_arg(p):
         p.add_argument("scenario", nargs="?", default=None, metavar="SCENARIO",
-                       help="scenario name from models/ or path to a TOML file (default: d1_exact)")
+                       help="scenario name from models/ or path to a TOML model spec (default: d1_exact)")
 
     def data_args(p, n_default=500):
-        p.add_argument("--data", metavar="CSV", help="data file with columns x1..xd, y (default: simulate)")
+        p.add_argument("--data", metavar="FILE",
+                       help="data file, CSV or Parquet (.parquet); default: simulate from the spec's truth")
+        p.add_argument("--x", metavar="COL[,COL...]", default=None,
+                       help="covariate columns of --data, in the model's order (default x1..xd); the names label "
+                            "the posterior, the reports and the plots")
+        p.add_argument("--y", metavar="COL", default=None, help="response column of --data (default y)")
         p.add_argument("--n", type=_positive_int, default=n_default,
                        help=f"sample size when simulating (default {n_default})")
         p.add_argument("--seed", type=_nonneg_int, default=0, help="seed of the simulation and the fit (default 0)")
@@ -593,7 +737,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the cells on a Dask LocalCluster (`local`) or an existing scheduler")
     p.add_argument("--workers", type=_positive_int, default=None, help="worker processes (default: all cores)")
     sampler_args(p, with_sampler=False)
-    p.add_argument("--keep-posteriors", action="store_true", help="also keep each posterior as netCDF")
+    p.add_argument("--keep-posteriors", action="store_true",
+                   help="also keep each posterior as a fit file (bayes-dgme report opens it)")
+    p.add_argument("--extend", action="store_true",
+                   help="allow a folder's study to grow (more sample sizes, replicates or estimators); finished "
+                        "cells are kept")
     p.add_argument("--report", metavar="HTML", help="also write the study report there")
     quiet(p)
     p.set_defaults(func=cmd_study)
@@ -637,6 +785,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Warnings a user cannot act on: numerical noise inside the libraries, ArviZ's notes on constant
+#: quantities, EM's variance floor (it concerns a start or a bootstrap replicate, not the result).
+_SILENT_MESSAGES = (".*single value.*", "variance_floor", ".*variance floor.*", ".*object mode.*", ".*Pareto.*",
+                    ".*[Cc]omputing .* on DataTree.*")
+
+
+def _filter_warnings() -> None:
+    """Hide warnings a user cannot act on; print the others as one line (``bayes-dgme: warning: ...``)."""
+    warnings.showwarning = _show_warning
+    for category in (RuntimeWarning, DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+        warnings.simplefilter("ignore", category)
+    for message in _SILENT_MESSAGES:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=sys.stderr, flush=True)
+
+
 def _user_error(err: BaseException) -> str:
     msg = " ".join(str(err).split())
     if isinstance(err, FileNotFoundError) and err.filename and str(err.filename) not in msg:
@@ -653,10 +820,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         Arguments without the program name (default: ``sys.argv[1:]``).
     """
     os.environ.setdefault("MPLBACKEND", "Agg")  # reports are files: never open a window
+    # worker processes (bootstrap, studies) start with the same quiet numerical warnings
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::RuntimeWarning,ignore::DeprecationWarning,"
+                                            "ignore::FutureWarning,ignore:variance_floor")
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            _filter_warnings()
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

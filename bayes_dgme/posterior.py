@@ -18,7 +18,7 @@ from .losses import RbarSpec, voronoi_loss
 from .params import Params, Truth
 from .wasserstein import wasserstein_loss
 
-__all__ = ["params_from_posterior", "posterior_losses"]
+__all__ = ["params_from_posterior", "posterior_losses", "align_experts", "match_experts"]
 
 _TRAILING = {
     "weights": ("expert",),
@@ -176,3 +176,38 @@ def posterior_losses(
     if isinstance(loss, str):
         return out[f"{loss}_loss"]
     return xr.Dataset(out)
+
+
+def align_experts(post_atoms: np.ndarray, true_atoms: np.ndarray) -> np.ndarray:
+    """Match fitted experts to true experts (labels are arbitrary in a mixture).
+
+    Parameters
+    ----------
+    post_atoms : ndarray, shape (k, p)
+        Atoms ``(a, b, v)`` of the fitted experts (e.g. posterior means).
+    true_atoms : ndarray, shape (k_true, p)
+        True atoms.
+
+    Returns
+    -------
+    ndarray of int, shape (k,)
+        ``match[i]`` is the true expert of fitted expert ``i``, or ``-1`` when ``k > k_true`` and
+        fitted expert ``i`` is surplus. The matching minimises the total Euclidean distance
+        (Hungarian algorithm).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    post_atoms = np.asarray(post_atoms, dtype=float)
+    true_atoms = np.asarray(true_atoms, dtype=float)
+    cost = np.linalg.norm(post_atoms[:, None, :] - true_atoms[None, :, :], axis=-1)
+    rows, cols = linear_sum_assignment(cost)
+    match = np.full(post_atoms.shape[0], -1, dtype=int)
+    match[rows] = cols
+    return match
+
+
+def match_experts(est: Params, truth: Truth) -> np.ndarray:
+    """`align_experts` on the mean atoms of ``est`` over its batch dimensions (e.g. posterior draws)."""
+    atoms = est.atoms
+    mean = atoms.reshape(-1, *atoms.shape[-2:]).mean(axis=0)
+    return align_experts(mean, truth.atoms)

@@ -110,3 +110,21 @@ def test_posterior_losses_softmax(rng):
     tree = make_tree(draws(rng, n=10, k=2, gating="softmax"))
     da = bd.posterior_losses(tree, truth)
     assert da.shape == (2, 10) and da.attrs["loss"] == "softmax" and np.isfinite(da.values).all()
+
+
+def test_match_experts_recovers_a_permutation(rng):
+    truth = bd.Truth(**TRUTH_FIELDS, known=T_KNOWN)
+    perm = np.array([1, 0])
+    post = {
+        "lam": rng.uniform(0.55, 0.65, (2, 30)),
+        "weights": np.broadcast_to(truth.weights[perm], (2, 30, 2)).copy(),
+        "slopes": truth.slopes[perm][None, None] + 0.05 * rng.standard_normal((2, 30, 2, 1)),
+        "intercepts": truth.intercepts[perm][None, None] + 0.05 * rng.standard_normal((2, 30, 2)),
+        "variances": truth.variances[perm][None, None] + 0.01 * rng.uniform(size=(2, 30, 2)),
+    }
+    est = bd.params_from_posterior(make_tree(post))
+    from bayes_dgme.posterior import align_experts, match_experts
+
+    np.testing.assert_array_equal(match_experts(est, truth), perm)
+    # a surplus fitted expert has no partner
+    np.testing.assert_array_equal(align_experts(np.vstack([truth.atoms, [[9.0, 9.0, 9.0]]]), truth.atoms), [0, 1, -1])

@@ -39,18 +39,19 @@ def _figure(figsize: tuple[float, float], ncols: int = 1, nrows: int = 1, **kw: 
 
 
 def save(fig, path: str | os.PathLike | None, dpi: int = 110) -> None:
-    """Save ``fig`` to ``path`` (format from the suffix); creates the folder. ``None`` does nothing."""
+    """Save ``fig`` to ``path`` atomically (format from the suffix); creates the folder. ``None`` does nothing."""
     if path is None:
         return
-    folder = os.path.dirname(os.fspath(path))
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    from ..fitfile import atomic_output
+
+    fmt = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    with atomic_output(path) as tmp:  # a failed save leaves the previous figure intact
+        fig.savefig(tmp, dpi=dpi, format=fmt)
 
 
 def _ok(df: Any) -> pd.DataFrame:
     """Finished study records (the check of `bayes_dgme.rates`), refusing an empty table."""
-    from .rates import _check_df
+    from ..rates import _check_df
 
     df = _check_df(df)
     if df.empty:
@@ -115,7 +116,7 @@ def contraction_plot(df: pd.DataFrame, path: str | os.PathLike | None = None, ti
     """
     df = _ok(df)
     if rates is None:
-        from .rates import contraction_rates
+        from ..rates import contraction_rates
 
         rates = contraction_rates(df, per_cell=False, n_boot=500)
     if ax is None:
@@ -236,7 +237,7 @@ def parameter_error_plot(df: pd.DataFrame, estimator: str = "posterior", path: s
     -------
     matplotlib.figure.Figure
     """
-    from .rates import parameter_rates
+    from ..rates import parameter_rates
 
     df = _ok(df)
     present = list(dict.fromkeys(df["estimator"]))
