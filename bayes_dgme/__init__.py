@@ -43,6 +43,7 @@ _LAZY = {
     "FitResult": "results",
     "run_study": "study",
     "load_results": "study",
+    "study_summary": "study",
     "contraction_rates": "rates",
     "deviation_test": "deviation",
 }

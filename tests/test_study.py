@@ -16,8 +16,7 @@ import pandas as pd
 import pytest
 
 import bayes_dgme as bd
-from bayes_dgme import study
-from bayes_dgme.study import NONDETERMINISTIC_COLUMNS, CellTask, cell_seeds, run_cell
+from bayes_dgme.study import NONDETERMINISTIC_COLUMNS, CellTask, cell_seeds, cells, run_cell
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -221,7 +220,7 @@ def test_failed_cells_are_recorded_and_retried(tmp_path, monkeypatch):
         calls.append(task.key)
         raise RuntimeError("synthetic failure")
 
-    monkeypatch.setitem(study._FITTERS, "em", boom)
+    monkeypatch.setitem(cells.FITTERS, "em", boom)
     out = tmp_path / "s"
     df = bd.run_study("d1_exact", n=[50], reps=2, estimators=["em"], out=out, workers=1, progress=False)
     assert (df["status"] == "failed").all()
