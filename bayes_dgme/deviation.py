@@ -20,19 +20,20 @@ import os
 import pickle
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from scipy import special
 
-from .data import check_data, check_int
+from .data import check_data
+from .executor import executor
 from .known import KnownFunction, log_density
 from .likelihood import log_joint_terms
 from .params import GATINGS, Params
 from .priors import Priors
 from .results import _json_value
+from .validation import check_int, check_probability
 
 __all__ = [
     "DeviationResult",
@@ -60,15 +61,6 @@ _DROP = 40.0
 # ---------------------------------------------------------------------------------------------
 # input checks
 # ---------------------------------------------------------------------------------------------
-def _check_prob(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{name}: expected a number strictly between 0 and 1, got {value!r}")
-    v = float(value)
-    if not (0.0 < v < 1.0):
-        raise ValueError(f"{name}: must lie strictly between 0 and 1, got {value!r}")
-    return v
-
-
 def _root_seed(seed: Any) -> np.random.SeedSequence:
     """A `SeedSequence` from ``None``, an int, a sequence of ints, a SeedSequence or a Generator."""
     if isinstance(seed, np.random.SeedSequence):
@@ -163,26 +155,15 @@ def bootstrap_lr(X, known: KnownFunction, k: int, n_boot: int, gating: str = "co
     bounds = np.linspace(0, n_boot, n_chunks + 1).round().astype(int)
     chunks = [(X, known, k, gating, restarts, em_options, root, list(range(lo, hi)))
               for lo, hi in itertools.pairwise(bounds) if hi > lo]
-    if client is not None:
-        futures = client.map(_boot_chunk, chunks, pure=False)
-        parts = client.gather(futures)
-    elif workers > 1:
+    if client is None and workers > 1:
         try:
             pickle.dumps(known)
         except Exception:  # any pickling failure means: run here
             warnings.warn("known: g0 cannot be pickled for worker processes; running the bootstrap "
                           "in this process", RuntimeWarning, stacklevel=2)
             workers = 1
-        if workers > 1:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(max_workers=min(workers, len(chunks)),
-                                     mp_context=mp.get_context("spawn")) as pool:
-                parts = list(pool.map(_boot_chunk, chunks))
-        else:
-            parts = [_boot_chunk(c) for c in chunks]
-    else:
-        parts = [_boot_chunk(c) for c in chunks]
+    with executor(client, min(workers, len(chunks))) as ex:
+        parts = ex.map(_boot_chunk, chunks)
     return np.array([v for part in parts for v in part], dtype=float)
 
 
@@ -677,8 +658,8 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     k = check_int("k", k, 1)
     if gating not in GATINGS:
         raise ValueError(f"gating: unknown gating {gating!r}; choose one of {list(GATINGS)}")
-    threshold = _check_prob("threshold", threshold)
-    level = _check_prob("level", level)
+    threshold = check_probability("threshold", threshold)
+    level = check_probability("level", level)
     n_boot = check_int("n_boot", n_boot, 1)
     if workers is not None:
         workers = check_int("workers", workers, 1)
