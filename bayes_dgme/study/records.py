@@ -222,6 +222,8 @@ def check_results(folder: Path, records: dict[str, dict[str, Any]]) -> str | Non
     path = Path(folder) / RESULTS_FILE
     if not path.is_file():
         return "missing"
+    if not _complete(path):
+        return "is cut short (its last line is unfinished)"
     try:
         csv = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError) as err:
@@ -237,8 +239,24 @@ def check_results(folder: Path, records: dict[str, dict[str, Any]]) -> str | Non
     return None
 
 
+def _complete(path: Path) -> bool:
+    """Whether a table ends with a newline, as every table written here does (a cut copy does not)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            if fh.tell() == 0:
+                return False
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) == b"\n"
+    except OSError:
+        return False
+
+
 def read_results_csv(path: Path) -> pd.DataFrame:
     """``results.csv`` alone (a folder without cell files), or `ValueError` naming it if it is damaged."""
+    if not _complete(path):
+        raise ValueError(f"out: {path} is cut short (its last line is unfinished) and there are no cell files "
+                         "to rebuild it from")
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:

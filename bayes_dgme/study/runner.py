@@ -272,7 +272,8 @@ def load_results(out: str | os.PathLike) -> pd.DataFrame:
         records, bad = read_cells(folder)
         warn_unreadable(bad)
         df = frame(records.values())
-        problem = check_results(folder, records)
+        # the table is rebuilt only from a complete set of cell files (an unreadable one's row may be its last copy)
+        problem = None if bad else check_results(folder, records)
         if problem is not None and problem != "missing" and not _locked(folder):
             try:
                 write_results(folder, records)
