@@ -46,6 +46,11 @@ _LAZY = {
     "study_summary": "study",
     "contraction_rates": "rates",
     "deviation_test": "deviation",
+    "fit_posterior": "pipeline",
+    "fit_scenario": "pipeline",
+    "PosteriorFit": "pipeline",
+    "write_fit": "fitfile",
+    "read_fit": "fitfile",
 }
 
 __all__ = [
