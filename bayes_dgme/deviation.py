@@ -28,11 +28,11 @@ from scipy import special
 
 from .data import check_data
 from .executor import executor
+from .fitfile import json_safe
 from .known import KnownFunction, log_density
 from .likelihood import log_joint_terms
 from .params import GATINGS, Params
 from .priors import Priors
-from .results import _json_value
 from .validation import check_int, check_probability
 
 __all__ = [
@@ -468,7 +468,7 @@ class DeviationResult:
             "seed_entropy": self.seed_entropy, "timings": dict(self.timings),
             "lr_boot": None if self.lr_boot is None else self.lr_boot.tolist(),
         }
-        return _json_value(out)
+        return json_safe(out)
 
     # ------------------------------------------------------------------ display
     def _rows(self) -> list[tuple[str, str, str]]:
@@ -555,7 +555,8 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     ``SeedSequence(entropy, spawn_key=(1, b, ·))``: the p-value is reproducible for any number of
     workers or a Dask ``client``.
 
-    **Bayesian side.** The PyMC model of `bayes_dgme.build_model` is sampled; reported are the
+    **Bayesian side.** The posterior is fitted by `bayes_dgme.pipeline.fit_posterior` (the package's
+    one fitting path: the model of `bayes_dgme.build_model`, chains started near an EM estimate); reported are the
     posterior of λ (mean, ``level`` interval — the HDI by default, which can reach 0 — and
     ``P(λ > threshold | y)``) and a Bayes factor.
 
@@ -638,7 +639,8 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     fit : FitResult, optional
         An EM fit of the alternative on the same data (used for ``ℓ̂_1``, not refitted).
     sample_options : dict, optional
-        Further keyword arguments of `bayes_dgme.sample` (e.g. ``sampler``, ``progressbar``).
+        Further keyword arguments of `bayes_dgme.pipeline.fit_posterior` (e.g. ``sampler``,
+        ``target_accept``, ``init``, ``progress``; ``progressbar`` is read as ``progress``).
 
     Returns
     -------
@@ -716,13 +718,14 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     if bayesian:
         t0 = time.perf_counter()
         if posterior is None:
-            from .model import build_model
-            from .sampling import sample
+            from .pipeline import fit_posterior
 
-            model = build_model(X, Y, known, k, gating=gating, priors=priors)
             sseed = int(_child(root, 2).generate_state(1)[0])
-            options = {"log_likelihood": False, "progressbar": False, **(sample_options or {})}
-            posterior = sample(model, draws=draws, tune=tune, chains=chains, seed=sseed, **options)
+            options = {"log_likelihood": False, "progress": False, **(sample_options or {})}
+            if "progressbar" in options:  # the name `bayes_dgme.sample` uses
+                options["progress"] = options.pop("progressbar")
+            posterior = fit_posterior(X, Y, known, k, gating=gating, priors=priors, draws=draws, tune=tune,
+                                      chains=chains, seed=sseed, **options).tree
         res.timings["sampling"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         _bayes_summary(res, posterior, X, Y, log_g0, priors, bf_draws, root)

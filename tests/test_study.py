@@ -304,7 +304,7 @@ def test_damaged_files_are_flagged_in_one_line_and_rebuilt(tmp_path):
     mask = os.umask(0o022)
     os.umask(mask)
     for path in [out / "study.json", out / "results.csv", *(out / "cells").glob("*.json")]:
-        assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path  # like open(), not mkstemp's 0600
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 & ~mask, path  # like other outputs, not mkstemp's 0600
 
     # a half-written results.csv: no traceback, regenerated from the cell files
     csv = out / "results.csv"

@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from ..fitfile import json_safe
 from ..scenario import Scenario
-from .records import ESTIMATOR_CODES, ESTIMATORS, cell_key, json_safe
+from .records import ESTIMATOR_CODES, ESTIMATORS, cell_key
 
 __all__ = ["CellTask", "cell_seeds", "run_cell", "loss_summary", "cell_error_columns", "FITTERS"]
 
@@ -224,34 +225,58 @@ def _fit_point(method: str) -> Callable[[CellTask, np.ndarray, np.ndarray, int],
     return fit
 
 
-#: Compiled nutpie models of this worker process, by model key (see `_model_key`).
+#: Compiled nutpie models of this worker process, by model key (see `_model_key`): every cell of a study
+#: after the first one in a process rebinds the compiled model to its data instead of compiling again.
 _COMPILED_MODELS: dict[str, Any] = {}
 
 
-def _fit_posterior(task: CellTask, X: np.ndarray, Y: np.ndarray, fit_seed: int) -> dict[str, Any]:
-    from ..pipeline import fit_posterior
+def _model_key(scenario: Scenario) -> str:
+    """What decides the compiled model: g0, k, gating, priors and d (not the data, not n)."""
+    import json
 
-    scenario, truth = task.scenario, task.scenario.truth
-    fit = fit_posterior(X, Y, truth.known, scenario.k, gating=scenario.gating, priors=scenario.priors,
-                        draws=task.draws, tune=task.tune, chains=task.chains, seed=fit_seed, sampler=task.sampler,
-                        init=task.init, compiled=_COMPILED_MODELS, progress=False,
-                        log_likelihood=task.posterior_path is not None, truth=truth)
-    t1 = time.perf_counter()
+    try:
+        known = scenario.truth.known.to_dict()
+    except ValueError:
+        known = {"object": f"{type(scenario.truth.known).__qualname__}@{id(scenario.truth.known)}"}
+    return json.dumps({"known": known, "k": scenario.k, "gating": scenario.gating, "d": scenario.d,
+                       "priors": scenario.priors.to_dict()}, sort_keys=True, default=str)
+
+
+def _fit_posterior(task: CellTask, X: np.ndarray, Y: np.ndarray, fit_seed: int) -> dict[str, Any]:
+    from ..diagnostics import summary
+    from ..pipeline import fit_posterior
     from ..posterior import params_from_posterior
 
+    scenario, truth = task.scenario, task.scenario.truth
+    key = _model_key(scenario) if task.sampler == "nutpie" else None
+    cached = _COMPILED_MODELS.get(key) if key is not None else None
+    fit = fit_posterior(X, Y, truth.known, scenario.k, gating=scenario.gating, priors=scenario.priors,
+                        draws=task.draws, tune=task.tune, chains=task.chains, seed=fit_seed, sampler=task.sampler,
+                        init=task.init, compiled=cached, progress=False, truth=truth,
+                        log_likelihood=task.posterior_path is not None,
+                        target_accept=scenario.sampler.target_accept)
+    if key is not None and cached is None and fit.compiled is not None:
+        _COMPILED_MODELS[key] = fit.compiled
+    t1 = time.perf_counter()
     out = _scores(params_from_posterior(fit.tree), truth, posterior=True)
-    out.update(fit.diagnostics)
+    out.update(summary(fit.tree, truth, table=fit.diagnostics))
     out.update({"draws": task.draws, "tune": task.tune, "chains": task.chains, "sampler": task.sampler})
-    out["init"] = fit.start
-    out.update({f"{k}_seconds" if not k.endswith("_seconds") else k: v for k, v in fit.timings.items()})
-    out["loss_seconds"] = time.perf_counter() - t1
+    out["init"] = "em" if fit.start is not None else "model"
+    t = fit.timings
+    out.update({"fit_seconds": t.get("total"), "compile_seconds": t.get("compile", 0.0) if cached is None else 0.0,
+                "init_seconds": t.get("em"), "sample_seconds": t.get("sample"),
+                "diagnostics_seconds": t.get("diagnostics")})
     if task.posterior_path is not None:
         from ..fitfile import write_fit
 
-        meta = {"study": {"n": task.n, "replicate": task.replicate, "seed": task.seed, "fit_seed": fit_seed},
+        meta = {"data": {"source": "simulated", "n": task.n, "seed": [task.seed, task.n, task.replicate]},
                 "sampler": {"draws": task.draws, "tune": task.tune, "chains": task.chains, "sampler": task.sampler,
-                            "init": task.init, "seed": fit_seed}}
+                            "target_accept": scenario.sampler.target_accept, "init": out["init"],
+                            "seed": fit_seed},
+                "study": {"n": task.n, "replicate": task.replicate, "seed": task.seed},
+                "seconds": t.get("total")}
         write_fit(Path(task.posterior_path), fit.tree, scenario=scenario, X=X, Y=Y, metadata=meta)
+    out["loss_seconds"] = time.perf_counter() - t1
     return out
 
 

@@ -2,30 +2,27 @@
 
 A *record* is one flat dict of JSON values (numbers, strings, booleans, ``None``) per cell
 ``(n, replicate, estimator)``. Cell files are the source of truth; ``results.csv`` is regenerated from
-them after every finished cell, and again whenever it is found damaged. Every file is written to a
-temporary file in the same folder and renamed into place, with the permissions of an ordinary new
-file (``0666`` minus the umask, typically ``0644``).
+them after every finished cell, and again whenever it is found damaged. Every file is written by
+`bayes_dgme.fitfile.atomic_write_text`: to a temporary file in the same folder, renamed into place, with
+the permissions of the package's other outputs (``0644`` minus the umask).
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import json
-import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
+
+from ..fitfile import atomic_write_text, json_safe
 
 __all__ = [
     "ESTIMATORS", "ESTIMATOR_CODES", "NONDETERMINISTIC_COLUMNS", "LOSSES", "LOSS_STATISTICS", "StudyWarning",
-    "json_safe", "cell_key", "frame", "write_cell", "read_cells", "write_results", "check_results",
+    "cell_key", "frame", "write_cell", "read_cells", "write_results", "check_results",
     "SPEC_FILE", "CELLS_DIR", "RESULTS_FILE", "POSTERIORS_DIR",
 ]
 
@@ -38,7 +35,8 @@ ESTIMATOR_CODES = {"posterior": 1, "map": 2, "em": 3}
 
 #: Columns that differ between two runs of the same cell (wall times, where it ran).
 NONDETERMINISTIC_COLUMNS = (
-    "fit_seconds", "compile_seconds", "init_seconds", "sample_seconds", "loss_seconds", "total_seconds", "worker",
+    "fit_seconds", "compile_seconds", "init_seconds", "sample_seconds", "diagnostics_seconds", "loss_seconds",
+    "total_seconds", "worker",
 )
 
 #: The losses a record scores (DESIGN.md 4 and 6).
@@ -59,25 +57,6 @@ class StudyWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------------------- values
-def json_safe(value: Any) -> Any:
-    """``value`` as plain JSON: NumPy scalars and arrays to Python, NaN and infinities to ``None``."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
-
-
 def cell_key(n: int, replicate: int, estimator: str) -> str:
     """File stem of a cell: ``n{n}_rep{replicate}_{estimator}``."""
     return f"n{int(n)}_rep{int(replicate)}_{estimator}"
@@ -131,47 +110,6 @@ def frame(records: Iterable[dict[str, Any]]) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------- files
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder renamed into place.
-
-    ``path`` is always either the previous file or the complete new one, whenever the process dies;
-    the new file gets the permissions of an ordinary new file (``0666 & ~umask``). A failed write
-    leaves the previous file and raises `OSError` naming ``path``.
-    """
-    path = Path(path)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(err, OSError):
-            raise OSError(err.errno, f"cannot write {path}: {err.strerror}") from None
-        raise
-    with contextlib.suppress(OSError):
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-@functools.cache
-def _umask() -> int:
-    """The process umask (read once: setting it to read it is not thread-safe)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def write_cell(folder: Path, record: dict[str, Any]) -> Path:
     """Write one record to ``folder/cells/<key>.json`` (atomically); returns the path."""
     key = cell_key(record["n"], record["replicate"], record["estimator"])
