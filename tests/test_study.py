@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 import bayes_dgme as bd
+from bayes_dgme import study
 from bayes_dgme.study import NONDETERMINISTIC_COLUMNS, CellTask, cell_seeds, cells, run_cell
 
 REPO = Path(__file__).resolve().parent.parent
@@ -258,24 +259,32 @@ def test_tiny_end_to_end_study_with_all_estimators(tmp_path):
     bad = df[df["status"] != "ok"]
     assert bad.empty, bad[["estimator", "error"]].to_string()
     post = df[df["estimator"] == "posterior"]
-    for col in ("voronoi", "voronoi_median", "voronoi_q90", "voronoi_q95", "wasserstein", "rhat_max",
-                "ess_bulk_min", "ess_tail_min", "divergences", "fit_seconds", "slope_err_1", "variance_err_2"):
+    for col in (*study.LOSS_STATISTICS, "rhat_max", "rhat_max_invariant", "ess_bulk_min", "ess_tail_min",
+                "divergences", "fit_seconds", "sample_seconds", "slope_err_1", "variance_err_2"):
         assert np.isfinite(post[col].astype(float)).all(), col
-    assert (post["voronoi_q95"] >= post["voronoi_q90"]).all()
-    assert (post["voronoi_q90"] >= post["voronoi_median"]).all()
+    for loss in study.LOSSES:
+        assert (post[f"{loss}_q95"] >= post[f"{loss}_q90"]).all()
+        assert (post[f"{loss}_q90"] >= post[f"{loss}_median"]).all()
+    assert (post["init"] == "em").all()
     point = df[df["estimator"] != "posterior"]
-    assert np.isfinite(point["voronoi"]).all() and np.isfinite(point["loglik"]).all()
-    assert point["voronoi_q90"].isna().all()
+    assert np.isfinite(point[["voronoi", "wasserstein", "loglik"]]).all().all()
+    assert point[["voronoi_q90", "wasserstein_median"]].isna().all().all()
     assert sorted(p.name for p in (out / "posteriors").glob("*.nc")) == ["n160_rep0.nc", "n80_rep0.nc"]
 
-    # the posterior summary is the mean of the per-draw loss over all draws
-    import arviz as az
+    # a kept posterior is a fit file; the summaries are over all its draws
+    from bayes_dgme.fitfile import read_fit
 
-    tree = az.from_netcdf(out / "posteriors" / "n80_rep0.nc")
+    fit = read_fit(out / "posteriors" / "n80_rep0.nc")
+    assert fit.scenario.name == "d1_exact" and fit.meta["sampler"]["seed"] == post["fit_seed"].iloc[0]
     truth = bd.load_scenario("d1_exact").truth
-    losses = np.asarray(bd.voronoi_loss(bd.params_from_posterior(tree), truth))
+    est = bd.params_from_posterior(fit.tree)
+    losses = np.asarray(bd.voronoi_loss(est, truth))
     assert losses.shape == (2, 60)
     assert np.isclose(losses.mean(), post["voronoi"].iloc[0], rtol=1e-12)
+    assert np.isclose(np.quantile(losses, 0.9), post["voronoi_q90"].iloc[0], rtol=1e-12)
+    was = np.asarray(bd.wasserstein_loss(est, truth))
+    assert np.isclose(np.median(was), post["wasserstein_median"].iloc[0], rtol=1e-12)
+    assert "log_likelihood" in fit.tree.children
 
     rates = bd.contraction_rates(df, n_boot=50)
     assert {"posterior", "map", "em"} <= set(rates["estimator"])
