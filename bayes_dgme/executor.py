@@ -45,8 +45,14 @@ class MissingExtraError(ImportError, ValueError):
 
 
 def check_cluster(cluster: Any) -> None:
-    """`ValueError` naming ``cluster`` unless it is None, ``"local"``, ``"tcp://HOST:PORT"`` or a Dask ``Client``."""
-    if cluster is None or (isinstance(cluster, str) and (cluster == "local" or "://" in cluster)):
+    """`ValueError` naming ``cluster`` unless it is None, ``"local"``, ``"tcp://HOST:PORT"`` or a Dask ``Client``.
+
+    A cluster without ``dask.distributed`` installed raises `MissingExtraError` here, before any work.
+    """
+    if cluster is None:
+        return
+    if isinstance(cluster, str) and (cluster == "local" or "://" in cluster):
+        _distributed()
         return
     if isinstance(cluster, str):
         raise ValueError(f"cluster: expected None, 'local' or a scheduler address tcp://HOST:PORT, got {cluster!r}")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import bayes_dgme as bd
 from bayes_dgme.executor import DASK_MISSING, MissingExtraError, executor
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,12 +38,16 @@ def test_bad_arguments_name_the_field(kwargs, field):
         executor(**kwargs)
 
 
-def test_a_cluster_without_dask_is_one_clear_error(monkeypatch):
+def test_a_cluster_without_dask_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "distributed", None)  # import distributed -> ImportError
     with pytest.raises(MissingExtraError) as info:
         executor("local", 2)
     assert str(info.value) == DASK_MISSING == "--cluster needs the dask extra: pip install 'bayes_dgme[dask]'"
     assert isinstance(info.value, ValueError)  # the CLI prints it as one line
+    with pytest.raises(MissingExtraError, match="dask extra"):  # a study refuses before it starts
+        bd.run_study("d1_exact", n=[50], reps=1, estimators=["em"], out=tmp_path / "s", cluster="local",
+                     progress=False)
+    assert not (tmp_path / "s").exists()
     with executor(None, 1) as ex:  # no cluster: no Dask needed
         assert ex.map(abs, [-1]) == [1]
 
