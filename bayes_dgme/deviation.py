@@ -33,7 +33,7 @@ from .known import KnownFunction, log_density
 from .likelihood import log_joint_terms
 from .params import GATINGS, Params
 from .priors import Priors
-from .validation import check_int, check_probability
+from .validation import check_choice, check_int, check_probability
 
 __all__ = [
     "DeviationResult",
@@ -658,16 +658,14 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     if not isinstance(known, KnownFunction):
         raise ValueError(f"known: expected a known function from bayes_dgme.known, got {type(known).__name__}")
     k = check_int("k", k, 1)
-    if gating not in GATINGS:
-        raise ValueError(f"gating: unknown gating {gating!r}; choose one of {list(GATINGS)}")
+    gating = check_choice("gating", gating, GATINGS)
     threshold = check_probability("threshold", threshold)
     level = check_probability("level", level)
     n_boot = check_int("n_boot", n_boot, 1)
     if workers is not None:
         workers = check_int("workers", workers, 1)
     restarts = check_int("restarts", restarts, 1)
-    if interval not in ("hdi", "eti"):
-        raise ValueError(f"interval: expected 'hdi' or 'eti', got {interval!r}")
+    interval = check_choice("interval", interval, ("hdi", "eti"))
     if not (bayesian or frequentist):
         raise ValueError("bayesian: at least one of bayesian and frequentist must be true")
     if bayesian and posterior is None:

@@ -29,7 +29,7 @@ import pandas as pd
 
 from ..executor import check_cluster, executor
 from ..scenario import Scenario, load_scenario
-from ..validation import check_int
+from ..validation import check_choice, check_int
 from .cells import CellTask, run_cell
 from .records import (
     CELLS_DIR,
@@ -184,8 +184,7 @@ def run_study(
     else:
         cpus = os.cpu_count() or 1
         workers = max(1, cpus // chains) if "posterior" in est else cpus
-    if init not in ("em", "model"):
-        raise ValueError(f"init: expected 'em' or 'model', got {init!r}")
+    init = check_choice("init", init, ("em", "model"))
     if out is None:
         raise ValueError("out: a study folder is required")
     check_cluster(cluster)
