@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -390,3 +391,20 @@ def test_every_cell_error_field_becomes_a_column(monkeypatch):
     assert cols["mass_err_1"] == pytest.approx(0.2) and cols["mass_err_2"] == pytest.approx(0.2)
     assert cols["slope_weighted_err_1"] == pytest.approx(0.02)  # a new field flows through unchanged
     assert cols["cell_size_2"] == 0 and cols["cell_size_mean_2"] == pytest.approx(1.0)
+
+
+def test_point_estimators_get_the_scenario_bounds_when_they_take_them():
+    from bayes_dgme.study.cells import _bounds_kwargs
+
+    box = bd.Bounds(variance=(0.01, 10.0))
+    scen = bd.load_scenario("d1_exact")
+    scen = dataclasses.replace(scen, priors=scen.priors.replace(bounds=box))
+
+    def with_bounds(X, Y, known, k, gating="constant", seed=None, bounds=None):
+        return None
+
+    def without(X, Y, known, k, gating="constant", seed=None):
+        return None
+
+    assert _bounds_kwargs(with_bounds, scen) == {"bounds": box}
+    assert _bounds_kwargs(without, scen) == {}
