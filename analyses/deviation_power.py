@@ -40,12 +40,12 @@ import json
 import os
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
 
 import bayes_dgme as bd
+from bayes_dgme.executor import executor
 
 OUT = Path(__file__).resolve().parent / "output" / "deviation_power"
 FIGURE = Path(__file__).resolve().parent.parent / "docs" / "figures" / "deviation_power.png"
@@ -109,6 +109,12 @@ def _load(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _call(task: tuple) -> dict:
+    """``(function, arguments) -> function(*arguments)``: one task of the executor."""
+    fn, arguments = task
+    return fn(*arguments)
+
+
 def run_freq(args) -> None:
     path = OUT / "results.jsonl"
     done = {_key(r) for r in _load(path)}
@@ -130,14 +136,12 @@ def run_freq(args) -> None:
     tasks = [t for t in tasks if (t[1][0], t[1][1], t[1][2], round(t[1][3], 6), t[1][4]) not in done]
     print(f"{len(tasks)} data sets to run on {args.workers} worker(s)", flush=True)
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.workers) as pool, path.open("a") as fh:
-        futures = [pool.submit(fn, *a) for fn, a in tasks]
-        for i, fut in enumerate(as_completed(futures), 1):
-            row = fut.result()
+    with executor(None, args.workers) as ex, path.open("a") as fh:
+        for i, row in enumerate(ex.as_completed(_call, tasks), 1):
             fh.write(json.dumps(row) + "\n")
             fh.flush()
-            if i % 50 == 0 or i == len(futures):
-                print(f"  {i}/{len(futures)} done, {time.perf_counter() - t0:.0f} s", flush=True)
+            if i % 50 == 0 or i == len(tasks):
+                print(f"  {i}/{len(tasks)} done, {time.perf_counter() - t0:.0f} s", flush=True)
 
 
 def run_bayes(args) -> None:

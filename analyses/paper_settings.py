@@ -5,7 +5,8 @@
 Writes to ``analyses/output/paper_settings/``: ``contraction_<setting>.png`` (log-log loss against
 n), ``params_<setting>_<estimator>.png`` (per-atom errors with the theoretical slopes),
 ``contraction_all.png`` (the four settings side by side), ``rates.csv``/``rates.md`` (every rate),
-``rates_summary.md`` (loss rates only) and ``diagnostics.md`` (posterior cells with R-hat > 1.05 or
+``rates_summary.md`` (loss rates only), ``losses.md`` (mean, median and 90% quantile of each loss over
+replicates, per setting, estimator and n) and ``diagnostics.md`` (posterior cells with R-hat > 1.05 or
 divergences).
 """
 
@@ -30,11 +31,14 @@ def main() -> None:
     out = common.output_dir("paper_settings", args)
     fig_all = Figure(figsize=(13, 9.5), layout="constrained")
     axes = fig_all.subplots(2, 2).ravel()
-    all_rates, diag = [], []
+    all_rates, diag, losses = [], [], []
     for ax, name in zip(axes, SETTINGS):
         df = common.study(name, name, args, **GRID.get(name, {}))
         rates = bd.contraction_rates(df)
         rates.insert(0, "setting", name)
+        table = bd.study_summary(df)
+        table.insert(0, "setting", name)
+        losses.append(table)
         all_rates.append(rates)
         scen = bd.load_scenario(name)
         title = f"{name}: {scen.loss_kind}, {scen.fit_kind}-fitted (k={scen.k}, k*={scen.truth.k})"
@@ -50,6 +54,9 @@ def main() -> None:
                          "max R-hat": post["rhat_max"].max(), "divergences": int(post["divergences"].sum()),
                          "median seconds per fit": post["fit_seconds"].median()})
     plots.save(fig_all, out / "contraction_all.png")
+    with pd.option_context("display.float_format", "{:.4g}".format, "display.width", 200):
+        (out / "losses.md").write_text(pd.concat(losses, ignore_index=True).to_string(index=False) + "\n",
+                                       encoding="utf-8")
     rates = pd.concat(all_rates, ignore_index=True)
     write_rates(rates, out, "rates", title="Contraction rates: the paper's four settings (all statistics)")
     loss = rates[(rates["kind"] == "loss")]

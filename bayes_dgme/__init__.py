@@ -43,6 +43,7 @@ _LAZY = {
     "FitResult": "estimators.base",
     "run_study": "study",
     "load_results": "study",
+    "study_summary": "study",
     "contraction_rates": "rates",
     "deviation_test": "deviation",
     "tightness_check": "tightness",

@@ -20,19 +20,20 @@ import os
 import pickle
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from scipy import special
 
-from .data import check_data, check_int
+from .data import check_data
+from .executor import executor
+from .fitfile import json_safe
 from .known import KnownFunction, log_density
 from .likelihood import log_joint_terms
 from .params import GATINGS, Params
 from .priors import Priors
-from .results import _json_value
+from .validation import check_choice, check_int, check_probability
 
 __all__ = [
     "DeviationResult",
@@ -60,15 +61,6 @@ _DROP = 40.0
 # ---------------------------------------------------------------------------------------------
 # input checks
 # ---------------------------------------------------------------------------------------------
-def _check_prob(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{name}: expected a number strictly between 0 and 1, got {value!r}")
-    v = float(value)
-    if not (0.0 < v < 1.0):
-        raise ValueError(f"{name}: must lie strictly between 0 and 1, got {value!r}")
-    return v
-
-
 def _root_seed(seed: Any) -> np.random.SeedSequence:
     """A `SeedSequence` from ``None``, an int, a sequence of ints, a SeedSequence or a Generator."""
     if isinstance(seed, np.random.SeedSequence):
@@ -163,26 +155,15 @@ def bootstrap_lr(X, known: KnownFunction, k: int, n_boot: int, gating: str = "co
     bounds = np.linspace(0, n_boot, n_chunks + 1).round().astype(int)
     chunks = [(X, known, k, gating, restarts, em_options, root, list(range(lo, hi)))
               for lo, hi in itertools.pairwise(bounds) if hi > lo]
-    if client is not None:
-        futures = client.map(_boot_chunk, chunks, pure=False)
-        parts = client.gather(futures)
-    elif workers > 1:
+    if client is None and workers > 1:
         try:
             pickle.dumps(known)
         except Exception:  # any pickling failure means: run here
             warnings.warn("known: g0 cannot be pickled for worker processes; running the bootstrap "
                           "in this process", RuntimeWarning, stacklevel=2)
             workers = 1
-        if workers > 1:
-            import multiprocessing as mp
-
-            with ProcessPoolExecutor(max_workers=min(workers, len(chunks)),
-                                     mp_context=mp.get_context("spawn")) as pool:
-                parts = list(pool.map(_boot_chunk, chunks))
-        else:
-            parts = [_boot_chunk(c) for c in chunks]
-    else:
-        parts = [_boot_chunk(c) for c in chunks]
+    with executor(client, min(workers, len(chunks))) as ex:
+        parts = ex.map(_boot_chunk, chunks)
     return np.array([v for part in parts for v in part], dtype=float)
 
 
@@ -487,7 +468,7 @@ class DeviationResult:
             "seed_entropy": self.seed_entropy, "timings": dict(self.timings),
             "lr_boot": None if self.lr_boot is None else self.lr_boot.tolist(),
         }
-        return _json_value(out)
+        return json_safe(out)
 
     # ------------------------------------------------------------------ display
     def _rows(self) -> list[tuple[str, str, str]]:
@@ -574,7 +555,8 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     ``SeedSequence(entropy, spawn_key=(1, b, ·))``: the p-value is reproducible for any number of
     workers or a Dask ``client``.
 
-    **Bayesian side.** The PyMC model of `bayes_dgme.build_model` is sampled; reported are the
+    **Bayesian side.** The posterior is fitted by `bayes_dgme.pipeline.fit_posterior` (the package's
+    one fitting path: the model of `bayes_dgme.build_model`, chains started near an EM estimate); reported are the
     posterior of λ (mean, ``level`` interval — the HDI by default, which can reach 0 — and
     ``P(λ > threshold | y)``) and a Bayes factor.
 
@@ -657,7 +639,8 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     fit : FitResult, optional
         An EM fit of the alternative on the same data (used for ``ℓ̂_1``, not refitted).
     sample_options : dict, optional
-        Further keyword arguments of `bayes_dgme.sample` (e.g. ``sampler``, ``progressbar``).
+        Further keyword arguments of `bayes_dgme.pipeline.fit_posterior` (e.g. ``sampler``,
+        ``target_accept``, ``init``, ``progress``; ``progressbar`` is read as ``progress``).
 
     Returns
     -------
@@ -675,16 +658,14 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     if not isinstance(known, KnownFunction):
         raise ValueError(f"known: expected a known function from bayes_dgme.known, got {type(known).__name__}")
     k = check_int("k", k, 1)
-    if gating not in GATINGS:
-        raise ValueError(f"gating: unknown gating {gating!r}; choose one of {list(GATINGS)}")
-    threshold = _check_prob("threshold", threshold)
-    level = _check_prob("level", level)
+    gating = check_choice("gating", gating, GATINGS)
+    threshold = check_probability("threshold", threshold)
+    level = check_probability("level", level)
     n_boot = check_int("n_boot", n_boot, 1)
     if workers is not None:
         workers = check_int("workers", workers, 1)
     restarts = check_int("restarts", restarts, 1)
-    if interval not in ("hdi", "eti"):
-        raise ValueError(f"interval: expected 'hdi' or 'eti', got {interval!r}")
+    interval = check_choice("interval", interval, ("hdi", "eti"))
     if not (bayesian or frequentist):
         raise ValueError("bayesian: at least one of bayesian and frequentist must be true")
     if bayesian and posterior is None:
@@ -735,13 +716,14 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     if bayesian:
         t0 = time.perf_counter()
         if posterior is None:
-            from .model import build_model
-            from .sampling import sample
+            from .pipeline import fit_posterior
 
-            model = build_model(X, Y, known, k, gating=gating, priors=priors)
             sseed = int(_child(root, 2).generate_state(1)[0])
-            options = {"log_likelihood": False, "progressbar": False, **(sample_options or {})}
-            posterior = sample(model, draws=draws, tune=tune, chains=chains, seed=sseed, **options)
+            options = {"log_likelihood": False, "progress": False, **(sample_options or {})}
+            if "progressbar" in options:  # the name `bayes_dgme.sample` uses
+                options["progress"] = options.pop("progressbar")
+            posterior = fit_posterior(X, Y, known, k, gating=gating, priors=priors, draws=draws, tune=tune,
+                                      chains=chains, seed=sseed, **options).tree
         res.timings["sampling"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         _bayes_summary(res, posterior, X, Y, log_g0, priors, bf_draws, root)

@@ -8,7 +8,7 @@ configuration in a fresh Python process (interpreter start, imports and nutpie's
 included: what a user waits for):
 
 - ``1``: one local process (cells in-process);
-- ``2``: two local worker processes (``ProcessPoolExecutor``);
+- ``2``: two local worker processes (`bayes_dgme.executor`: a spawn pool whose workers die with it);
 - ``dask2``: a ``dask.distributed`` LocalCluster of two single-threaded workers.
 
 Prints wall times, speed-ups relative to ``1``, and per n the median time per posterior fit

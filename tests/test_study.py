@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -17,7 +18,7 @@ import pytest
 
 import bayes_dgme as bd
 from bayes_dgme import study
-from bayes_dgme.study import NONDETERMINISTIC_COLUMNS, CellTask, cell_seeds, run_cell
+from bayes_dgme.study import NONDETERMINISTIC_COLUMNS, CellTask, cell_seeds, cells, run_cell
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -124,7 +125,7 @@ def test_resume_skips_finished_cells_and_refuses_another_study(tmp_path):
     assert spec["scenario"]["truth"]["lam"] == 0.6
 
     for change in ({"seed": 6}, {"reps": 3}, {"n": [60, 120]}, {"estimators": ["em", "map"]}):
-        with pytest.raises(ValueError, match="different study"):
+        with pytest.raises(ValueError, match=r"different study.*add --extend"):
             bd.run_study("d1_exact", **{**args, **change})
     with pytest.raises(ValueError, match="different study"):
         bd.run_study("d2_exact", **args)
@@ -221,7 +222,7 @@ def test_failed_cells_are_recorded_and_retried(tmp_path, monkeypatch):
         calls.append(task.key)
         raise RuntimeError("synthetic failure")
 
-    monkeypatch.setitem(study._FITTERS, "em", boom)
+    monkeypatch.setitem(cells.FITTERS, "em", boom)
     out = tmp_path / "s"
     df = bd.run_study("d1_exact", n=[50], reps=2, estimators=["em"], out=out, workers=1, progress=False)
     assert (df["status"] == "failed").all()
@@ -259,24 +260,32 @@ def test_tiny_end_to_end_study_with_all_estimators(tmp_path):
     bad = df[df["status"] != "ok"]
     assert bad.empty, bad[["estimator", "error"]].to_string()
     post = df[df["estimator"] == "posterior"]
-    for col in ("voronoi", "voronoi_median", "voronoi_q90", "voronoi_q95", "wasserstein", "rhat_max",
-                "ess_bulk_min", "ess_tail_min", "divergences", "fit_seconds", "slope_err_1", "variance_err_2"):
+    for col in (*study.LOSS_STATISTICS, "rhat_max", "rhat_max_invariant", "ess_bulk_min", "ess_tail_min",
+                "divergences", "fit_seconds", "sample_seconds", "slope_err_1", "variance_err_2"):
         assert np.isfinite(post[col].astype(float)).all(), col
-    assert (post["voronoi_q95"] >= post["voronoi_q90"]).all()
-    assert (post["voronoi_q90"] >= post["voronoi_median"]).all()
+    for loss in study.LOSSES:
+        assert (post[f"{loss}_q95"] >= post[f"{loss}_q90"]).all()
+        assert (post[f"{loss}_q90"] >= post[f"{loss}_median"]).all()
+    assert (post["init"] == "em").all()
     point = df[df["estimator"] != "posterior"]
-    assert np.isfinite(point["voronoi"]).all() and np.isfinite(point["loglik"]).all()
-    assert point["voronoi_q90"].isna().all()
+    assert np.isfinite(point[["voronoi", "wasserstein", "loglik"]]).all().all()
+    assert point[["voronoi_q90", "wasserstein_median"]].isna().all().all()
     assert sorted(p.name for p in (out / "posteriors").glob("*.nc")) == ["n160_rep0.nc", "n80_rep0.nc"]
 
-    # the posterior summary is the mean of the per-draw loss over all draws
-    import arviz as az
+    # a kept posterior is a fit file; the summaries are over all its draws
+    from bayes_dgme.fitfile import read_fit
 
-    tree = az.from_netcdf(out / "posteriors" / "n80_rep0.nc")
+    fit = read_fit(out / "posteriors" / "n80_rep0.nc")
+    assert fit.scenario.name == "d1_exact" and fit.meta["sampler"]["seed"] == post["fit_seed"].iloc[0]
     truth = bd.load_scenario("d1_exact").truth
-    losses = np.asarray(bd.voronoi_loss(bd.params_from_posterior(tree), truth))
+    est = bd.params_from_posterior(fit.tree)
+    losses = np.asarray(bd.voronoi_loss(est, truth))
     assert losses.shape == (2, 60)
     assert np.isclose(losses.mean(), post["voronoi"].iloc[0], rtol=1e-12)
+    assert np.isclose(np.quantile(losses, 0.9), post["voronoi_q90"].iloc[0], rtol=1e-12)
+    was = np.asarray(bd.wasserstein_loss(est, truth))
+    assert np.isclose(np.median(was), post["wasserstein_median"].iloc[0], rtol=1e-12)
+    assert "log_likelihood" in fit.tree.children
 
     rates = bd.contraction_rates(df, n_boot=50)
     assert {"posterior", "map", "em"} <= set(rates["estimator"])
@@ -291,3 +300,111 @@ def test_tiny_end_to_end_study_with_all_estimators(tmp_path):
     for name in ("contraction.png", "params.png"):
         img = imread(out / name)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300
+
+
+# ------------------------------------------------------------------------------------ damaged folders (#16)
+def test_damaged_files_are_flagged_in_one_line_and_rebuilt(tmp_path):
+    import stat
+
+    from bayes_dgme.study import StudyWarning
+
+    out = tmp_path / "s"
+    args = {"n": [50, 70], "reps": 1, "estimators": ["em"], "out": out, "seed": 1, "workers": 1, "progress": False}
+    df = bd.run_study("d1_exact", **args)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for path in [out / "study.json", out / "results.csv", *(out / "cells").glob("*.json")]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644 & ~mask, path  # like other outputs, not mkstemp's 0600
+
+    # a half-written results.csv: no traceback, regenerated from the cell files
+    csv = out / "results.csv"
+    good = csv.read_text()
+    csv.write_text(good[: len(good) // 2])
+    with pytest.warns(StudyWarning, match=r"results\.csv is cut short.*regenerated") as rec:
+        loaded = bd.load_results(out)
+    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    pd.testing.assert_frame_equal(loaded, df)
+    assert csv.read_text() == good
+
+    # an unreadable cell file: named in one line, counted, left out; a rerun recomputes the same record
+    cell = out / "cells" / "n50_rep0_em.json"
+    original = json.loads(cell.read_text())
+    cell.write_text(cell.read_text()[:40])
+    with pytest.warns(StudyWarning, match=r"^1 unreadable cell file\(s\) skipped in .*: n50_rep0_em\.json") as rec:
+        loaded = bd.load_results(out)
+    assert len(loaded) == 1 and loaded.attrs["unreadable"] == [str(cell)]
+    assert len(rec) == 1 and "\n" not in str(rec[0].message)
+    assert csv.read_text() == good  # the table keeps the damaged cell's row until the cell is recomputed
+    with pytest.warns(StudyWarning, match="n50_rep0_em.json"):
+        bd.run_study("d1_exact", **args)
+    rerun = json.loads(cell.read_text())
+    assert {k: v for k, v in rerun.items() if k not in NONDETERMINISTIC_COLUMNS} == {
+        k: v for k, v in original.items() if k not in NONDETERMINISTIC_COLUMNS}
+
+    # a lone table (a copy without cell files) that is damaged: a one-line ValueError naming it
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    (copy / "results.csv").write_text(good[: len(good) // 2])
+    with pytest.raises(ValueError, match=r"^out: .*results\.csv is cut short") as info:
+        bd.load_results(copy)
+    assert "\n" not in str(info.value)
+
+
+def test_study_summary_is_mean_median_and_q90_over_replicates():
+    from bayes_dgme.study import study_summary, summary_text
+
+    rng = np.random.default_rng(0)
+    rows = [{"n": n, "replicate": r, "estimator": e, "status": "ok", "voronoi": float(rng.lognormal()),
+             "wasserstein": float(rng.lognormal())}
+            for n in (100, 200) for r in range(7) for e in ("posterior", "em")]
+    rows.append({"n": 100, "replicate": 7, "estimator": "em", "status": "failed", "voronoi": 1e9, "wasserstein": 1e9})
+    df = pd.DataFrame(rows)
+    table = study_summary(df)
+    assert len(table) == 2 * 2 * 2
+    for _, r in table.iterrows():
+        sub = df[(df["n"] == r["n"]) & (df["estimator"] == r["estimator"]) & (df["status"] == "ok")][r["statistic"]]
+        v = np.sort(sub.to_numpy())
+        assert r["replicates"] == 7
+        assert r["mean"] == pytest.approx(v.mean())
+        assert r["median"] == pytest.approx(v[3])
+        assert r["q90"] == pytest.approx(v[5] + 0.4 * (v[6] - v[5]))  # type-7 quantile at 0.9 of 7 values
+    text = summary_text(df)
+    assert "posterior mean" in text and "em q90" in text and "1e+09" not in text
+
+
+def test_every_cell_error_field_becomes_a_column(monkeypatch):
+    from types import SimpleNamespace
+
+    from bayes_dgme import losses
+    from bayes_dgme.study.cells import cell_error_columns
+
+    inf = np.inf
+    fake = SimpleNamespace(
+        references=("expert 1", "expert 2"),
+        as_dict=lambda: {"slope": np.array([[0.1, inf], [0.3, 0.2]]), "mass": np.array([[-0.1, -0.4], [0.3, 0.0]]),
+                         "slope_weighted": np.array([[0.01, 0.0], [0.03, 0.02]]),
+                         "size": np.array([[1, 0], [1, 2]])})
+    monkeypatch.setattr(losses, "cell_errors", lambda est, truth: fake)
+    cols = cell_error_columns(None, None)
+    assert cols["slope_err_1"] == pytest.approx(0.2)
+    assert cols["slope_err_2"] == pytest.approx(0.2)  # the empty-cell draw (inf) is left out
+    assert cols["mass_err_1"] == pytest.approx(0.2) and cols["mass_err_2"] == pytest.approx(0.2)
+    assert cols["slope_weighted_err_1"] == pytest.approx(0.02)  # a new field flows through unchanged
+    assert cols["cell_size_2"] == 0 and cols["cell_size_mean_2"] == pytest.approx(1.0)
+
+
+def test_point_estimators_get_the_scenario_bounds_when_they_take_them():
+    from bayes_dgme.study.cells import _bounds_kwargs
+
+    box = bd.Bounds(variance=(0.01, 10.0))
+    scen = bd.load_scenario("d1_exact")
+    scen = dataclasses.replace(scen, priors=scen.priors.replace(bounds=box))
+
+    def with_bounds(X, Y, known, k, gating="constant", seed=None, bounds=None):
+        return None
+
+    def without(X, Y, known, k, gating="constant", seed=None):
+        return None
+
+    assert _bounds_kwargs(with_bounds, scen) == {"bounds": box}
+    assert _bounds_kwargs(without, scen) == {}
