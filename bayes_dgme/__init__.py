@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import datasets as datasets
 from . import known
 from .bounds import Bounds
 from .data import check_data
@@ -45,6 +46,11 @@ _LAZY = {
     "load_results": "study",
     "contraction_rates": "rates",
     "deviation_test": "deviation",
+    "predict": "predict",
+    "responsibilities": "predict",
+    "add_log_likelihood": "predict",
+    "compare_k": "compare",
+    "KComparison": "compare",
 }
 
 __all__ = [
