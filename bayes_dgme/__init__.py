@@ -46,9 +46,9 @@ _LAZY = {
     "load_results": "study",
     "contraction_rates": "rates",
     "deviation_test": "deviation",
-    "predict": "predict",
-    "responsibilities": "predict",
-    "add_log_likelihood": "predict",
+    "predict": "prediction",
+    "responsibilities": "prediction",
+    "add_log_likelihood": "prediction",
     "compare_k": "compare",
     "KComparison": "compare",
 }

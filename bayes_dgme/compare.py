@@ -20,7 +20,7 @@ import pandas as pd
 from .data import check_data
 from .known import KnownFunction
 from .params import GATINGS
-from .predict import add_log_likelihood
+from .prediction import add_log_likelihood
 from .validation import check_int
 
 __all__ = ["KComparison", "compare_k"]
