@@ -81,8 +81,12 @@ def _max_rhat(tree) -> float:
              if v in tree["posterior"].data_vars]
     if tree["posterior"].sizes.get("chain", 1) < 2:
         return float("nan")
-    r = az.rhat(tree, var_names=names)
-    return float(max(float(r[v].max()) for v in r.data_vars))
+    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+        # constant draws (the weight of a single expert) have no R-hat: NaN, left out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = az.rhat(tree, var_names=names)
+    values = np.concatenate([np.ravel(r[v].to_numpy()) for v in r.data_vars])
+    return float(np.nanmax(values)) if np.isfinite(values).any() else float("nan")
 
 
 def compare_k(X, Y, known: KnownFunction, k_max: int = 3, ks: Sequence[int] | None = None,
