@@ -127,9 +127,15 @@ def main(argv=None) -> None:
         "deviated_rows": [{"row": int(ana[i]), "stretchratio": float(X[i, 0]), "tuned": float(Y[i]),
                            "r_g0": float(r_g0[i])} for i in np.flatnonzero(deviated)],
         "uncertain_rows": int(((r_g0 > 0.1) & (r_g0 < 0.9)).sum()),
+        "uncertain_rows_far_from_2": int(((r_g0 > 0.1) & (r_g0 < 0.9) & (np.abs(X[:, 0] - 2) >= FAR)).sum()),
         "seconds": time.time() - t0,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    rows = resp.to_pandas()
+    rows.insert(0, "tuned", Y)
+    rows.insert(0, "stretchratio", X[:, 0])
+    rows.insert(0, "row", ana)
+    rows.to_csv(out / "responsibilities.csv", index=False, float_format="%.6g")
 
     # 5. figure
     import matplotlib
