@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from . import datasets as datasets
 from . import known
 from .bounds import Bounds
 from .data import check_data
@@ -56,6 +57,11 @@ _LAZY = {
     "PosteriorFit": "pipeline",
     "write_fit": "fitfile",
     "read_fit": "fitfile",
+    "predict": "prediction",
+    "responsibilities": "prediction",
+    "add_log_likelihood": "prediction",
+    "compare_k": "compare",
+    "KComparison": "compare",
 }
 
 __all__ = [

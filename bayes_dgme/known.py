@@ -56,6 +56,16 @@ class KnownFunction:
     def sample(self, X: np.ndarray, rng: np.random.Generator) -> np.ndarray:  # pragma: no cover
         raise NotImplementedError
 
+    def expectation(self, X: np.ndarray) -> np.ndarray:
+        """``E_g0[y | x]`` at each row of ``X``, shape ``(n,)``.
+
+        Raises
+        ------
+        ValueError
+            If this known function has no mean it can state (see the subclasses).
+        """
+        raise ValueError(f"known: {type(self).__name__} does not define E[y | x] (no expectation method)")
+
     def to_dict(self) -> dict[str, Any]:
         raise ValueError(f"known: a {type(self).__name__} cannot be written to a scenario file")
 
@@ -79,6 +89,10 @@ class _LinearLocation(KnownFunction):
     def mean(self, X: np.ndarray) -> np.ndarray:
         """Location ``a0 · x + b0`` of ``g0`` at each row of ``X``."""
         return self._check_X(X) @ self.slope + self.intercept
+
+    def expectation(self, X: np.ndarray) -> np.ndarray:
+        """``E_g0[y | x] = a0 · x + b0`` at each row of ``X``, shape ``(n,)`` (the errors are symmetric)."""
+        return self.mean(X)
 
     def __repr__(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.to_dict().items() if k not in ("kind", "slope", "intercept"))
@@ -141,6 +155,12 @@ class StudentTExpert(_LinearLocation):
         m = self.mean(X)
         return m + self.scale * rng.standard_t(self.df, size=m.shape)
 
+    def expectation(self, X):
+        """``E_g0[y | x] = a0 · x + b0``; defined only for ``df > 1`` (``ValueError`` otherwise)."""
+        if self.df <= 1:
+            raise ValueError(f"df: a Student-t g0 with df={self.df} <= 1 has no mean, so E[y | x] is undefined")
+        return self.mean(X)
+
     def to_dict(self):
         return {"kind": self.kind, "slope": self.slope.tolist(), "intercept": self.intercept,
                 "scale": self.scale, "df": self.df}
@@ -200,7 +220,12 @@ class NonlinearGaussian(_LinearLocation):
             raise ValueError("amplitude: must be non-zero (amplitude 0 is a Gaussian expert with zero slope)")
 
     def location(self, X):
+        """``amplitude · f(a0·x + b0)`` at each row of ``X``: the mean of ``g0``."""
         return self.amplitude * _NONLINEAR_MEANS[self.link](self.mean(X))
+
+    def expectation(self, X):
+        """``E_g0[y | x]`` = `location` (Gaussian errors around the non-linear mean)."""
+        return self.location(X)
 
     def logpdf(self, y, X):
         r = np.asarray(y, dtype=float) - self.location(X)
@@ -227,17 +252,25 @@ class Custom(KnownFunction):
     distinguishable : bool, default True
         Say ``False`` only when ``g0`` is a Gaussian linear expert; then use `GaussianExpert`, which
         also gives the atom the D2 loss needs.
+    mean : callable ``X -> (n,)``, optional
+        ``E_g0[y | x]`` at each row, used by `expectation` (and so by `bayes_dgme.predict`). Without
+        it `expectation` raises a `ValueError`: a log density alone does not say over which range of
+        ``y`` a quadrature would have to integrate, and a silently truncated integral would be wrong.
     """
 
     kind = "custom"
 
-    def __init__(self, logpdf: Callable, sample: Callable, distinguishable: bool = True) -> None:
+    def __init__(self, logpdf: Callable, sample: Callable, distinguishable: bool = True,
+                 mean: Callable | None = None) -> None:
         if not callable(logpdf):
             raise ValueError(f"logpdf: expected a callable (y, X) -> (n,), got {type(logpdf).__name__}")
         if not callable(sample):
             raise ValueError(f"sample: expected a callable (X, rng) -> (n,), got {type(sample).__name__}")
+        if mean is not None and not callable(mean):
+            raise ValueError(f"mean: expected a callable X -> (n,) or None, got {type(mean).__name__}")
         self._logpdf = logpdf
         self._sample = sample
+        self._mean = mean
         self.distinguishable = bool(distinguishable)
 
     def logpdf(self, y, X):
@@ -245,6 +278,25 @@ class Custom(KnownFunction):
 
     def sample(self, X, rng):
         return np.asarray(self._sample(self._check_X(X), rng), dtype=float)
+
+    def expectation(self, X):
+        """``E_g0[y | x]`` from the ``mean`` callable given at construction.
+
+        Raises
+        ------
+        ValueError
+            If no ``mean`` was given, or it returns the wrong shape or non-finite values.
+        """
+        if self._mean is None:
+            raise ValueError("mean: this Custom g0 was built without mean=; pass Custom(..., mean=lambda X: ...) "
+                             "to give E[y | x] (needed for predictions)")
+        X = self._check_X(X)
+        out = np.asarray(self._mean(X), dtype=float)
+        if out.shape != (X.shape[0],):
+            raise ValueError(f"mean: returned shape {out.shape}, expected ({X.shape[0]},)")
+        if not np.isfinite(out).all():
+            raise ValueError(f"mean: returned a non-finite value at row {int(np.argmax(~np.isfinite(out)))}")
+        return out
 
     def __repr__(self) -> str:
         return f"Custom(logpdf={self._logpdf!r}, distinguishable={self.distinguishable})"
