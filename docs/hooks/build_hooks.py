@@ -11,7 +11,9 @@
    that is not public stops the build.
 3. **Formulas**: ``$...$`` (inline) and ``$$ ... $$`` (display, on lines of their own) are converted to
    MathML at build time with ``latex2mathml``: no JavaScript, and the pages render offline.
-4. ``changelog.md`` is the repository's ``CHANGELOG.md``; a nav entry whose page another branch has
+4. ``<!-- readme-sections REGEX -->`` includes the README's ``## `` sections whose heading matches
+   REGEX (``readme-sections?``: none is fine), so the results tables exist once, in the README.
+5. ``changelog.md`` is the repository's ``CHANGELOG.md``; a nav entry whose page another branch has
    not delivered yet (``analyses/real-data.md``) is dropped with a log line instead of breaking the build.
 """
 
@@ -147,6 +149,8 @@ def _mathml(tex: str, display: bool) -> str:
 
 def _math_markdown(markdown: str) -> str:
     def prose(text: str) -> str:
+        for heading in re.findall(r"^#+ .*\$.*$", text, re.M):  # the table of contents shows headings raw
+            log.warning("docs: a formula in a heading (use <sub>, not $...$): %s", heading)
         text = _DISPLAY.sub(lambda m: "\n" + _mathml(m.group(1), True) + "\n", text)
         out, last = [], 0
         for m in _CODE_SPAN.finditer(text):  # leave inline code alone
@@ -165,11 +169,51 @@ def _math_markdown(markdown: str) -> str:
     return "".join(out)
 
 
+# ---------------------------------------------------------------------------------- README sections
+_README_DIRECTIVE = re.compile(r"^<!-- readme-sections(\?)? (.+?) -->[ \t]*$", re.M)
+_MD_LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
+
+
+def _readme_sections(pattern: str) -> list[tuple[str, str]]:
+    """The README's ``## `` sections whose heading matches ``pattern``: (heading, body) pairs."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    text = _FENCE.sub(lambda m: m.group(0).replace("\n## ", "\n\u200b## "), text)  # no headings in code
+    parts = re.split(r"^## (.+)$", text, flags=re.M)
+    found = [(parts[i].strip(), parts[i + 1].replace("\u200b", "")) for i in range(1, len(parts), 2)]
+    return [(h, body) for h, body in found if re.search(pattern, h)]
+
+
+def _relink(body: str, page_uri: str) -> str:
+    """README links made relative to the page: figures under docs/ stay links, other files become text."""
+    depth = page_uri.count("/")
+
+    def fix(m):
+        bang, text, target = m.groups()
+        if re.match(r"[a-z]+://|#", target):
+            return m.group(0)
+        if target.startswith("docs/"):
+            return f"{bang}[{text}]({'../' * depth}{target[len('docs/'):]})"
+        return f"`{text}`" if not bang else text
+    return _MD_LINK.sub(fix, body)
+
+
+def _readme_markdown(markdown: str, src_uri: str) -> str:
+    def expand(m):
+        optional, pattern = m.group(1) == "?", m.group(2)
+        sections = _readme_sections(pattern)
+        if not sections and not optional:
+            raise PluginError(f"docs: {src_uri}: no README section has a heading matching {pattern!r}")
+        return "\n".join(f"## {h}\n{_relink(body, src_uri)}" for h, body in sections)
+    return _README_DIRECTIVE.sub(expand, markdown)
+
+
 # ------------------------------------------------------------------------------------------ the hooks
 def on_page_markdown(markdown, page, config, files):
     src = page.file.src_uri
     if "<!-- cli-reference -->" in markdown:
         markdown = markdown.replace("<!-- cli-reference -->", _cli_markdown())
+    if "<!-- readme-sections" in markdown:
+        markdown = _readme_markdown(markdown, src)
     if src.startswith(API_DIR):
         markdown = _api_markdown(markdown, src)
     return _math_markdown(markdown)
