@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 from mkdocs.exceptions import PluginError
@@ -116,20 +117,32 @@ def _api_markdown(markdown: str, src_uri: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
+CLI_WIDTH = 80  # characters that fit the site's code blocks
+
+
+def _wrap(text: str) -> str:
+    """Wrap the lines argparse leaves long (raw descriptions and epilogs), keeping their indentation."""
+    out = []
+    for line in text.rstrip().splitlines():
+        indent = line[:len(line) - len(line.lstrip())]
+        out.append(textwrap.fill(line, CLI_WIDTH, subsequent_indent=indent) if len(line) > CLI_WIDTH else line)
+    return "\n".join(out)
+
 def _cli_markdown() -> str:
     _package()
     from bayes_dgme.cli import build_parser
 
     old = os.environ.get("COLUMNS")
-    os.environ["COLUMNS"] = "100"  # argparse wraps to the terminal width: make the page reproducible
+    os.environ["COLUMNS"] = str(CLI_WIDTH)  # argparse wraps to the terminal width: make the page reproducible
     try:
         parser = build_parser()
         subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
         summaries = {a.dest: a.help for a in subparsers._choices_actions}
-        parts = ["## `bayes-dgme`", "", "```text", parser.format_help().rstrip(), "```", ""]
+        parts = ["## `bayes-dgme`", "", "```text", _wrap(parser.format_help()), "```", ""]
         for name, sub in subparsers.choices.items():
-            parts += [f"## `bayes-dgme {name}`", "", (summaries.get(name) or "").capitalize() + ".", "",
-                      "```text", sub.format_help().rstrip(), "```", ""]
+            summary = summaries.get(name) or ""
+            parts += [f"## `bayes-dgme {name}`", "", summary[:1].upper() + summary[1:] + ".", "",
+                      "```text", _wrap(sub.format_help()), "```", ""]
     finally:
         if old is None:
             os.environ.pop("COLUMNS", None)
