@@ -27,7 +27,7 @@ test: lint
 	$(BIN)/python -m pytest -n 2 --durations=15
 
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --clean --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean --site-dir site
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

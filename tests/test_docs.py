@@ -58,6 +58,17 @@ def test_a_name_that_is_not_public_stops_the_build(hooks):
         hooks._defining_path(bd, "no_such_function")
 
 
+def test_entries_for_names_not_yet_public_are_optional_only_when_marked(hooks):
+    from mkdocs.exceptions import PluginError
+
+    out = hooks._api_markdown("::: bayes_dgme.fit_em\n\n::: bayes_dgme.not_yet_public?\n", "reference/api/x.md")
+    assert "not_yet_public" not in out
+    (line,) = [x for x in out.splitlines() if x.startswith(":::")]
+    assert line.endswith(".fit_em") and line != "::: bayes_dgme.fit_em"  # rewritten to the defining module
+    with pytest.raises(PluginError, match="not a public name"):
+        hooks._api_markdown("::: bayes_dgme.not_yet_public\n", "reference/api/x.md")
+
+
 def test_cli_reference_covers_every_subcommand_within_the_page_width(hooks):
     from bayes_dgme.cli import build_parser
 

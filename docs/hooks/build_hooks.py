@@ -5,7 +5,8 @@
    ``bayes_dgme.cli.build_parser()``, so the page cannot go stale.
 2. **API reference by public name**: a line ``::: bayes_dgme.NAME`` documents the public name
    ``bayes_dgme.NAME`` wherever it is defined (the hook imports the package and rewrites the line to the
-   defining module), so moving a function to another module changes no page. A public name (in
+   defining module), so moving a function to another module changes no page. ``::: bayes_dgme.NAME?``
+   is an entry for a name that another branch is adding: left out while the name is not public. A public name (in
    ``bayes_dgme.__all__``) that no API page lists is documented on ``reference/api/other.md``
    (``<!-- api-unlisted -->``), so a new public name is never missing from the site; a listed name
    that is not public stops the build.
@@ -35,7 +36,7 @@ log = logging.getLogger("mkdocs.hooks.bayes_dgme")
 ROOT = Path(__file__).resolve().parents[2]
 API_DIR = "reference/api/"
 OPTIONAL_PAGES = {"analyses/real-data.md"}  # written on another branch; included as soon as it exists
-_API_LINE = re.compile(r"^:::[ \t]+bayes_dgme\.([A-Za-z_][A-Za-z0-9_]*)[ \t]*$", re.M)
+_API_LINE = re.compile(r"^:::[ \t]+bayes_dgme\.([A-Za-z_][A-Za-z0-9_]*)(\?)?[ \t]*$", re.M)
 _FENCE = re.compile(r"^(```|~~~).*?^\1[ \t]*$", re.M | re.S)
 _CODE_SPAN = re.compile(r"(`+)(.+?)\1", re.S)
 _DISPLAY = re.compile(r"^\$\$[ \t]*\n(.+?)\n\$\$[ \t]*$", re.M | re.S)
@@ -77,7 +78,7 @@ def on_files(files, config):
     _listed.clear()
     for f in files:
         if f.src_uri.startswith(API_DIR) and f.src_uri.endswith(".md") and f.abs_src_path:
-            _listed.update(_API_LINE.findall(Path(f.abs_src_path).read_text(encoding="utf-8")))
+            _listed.update(m.group(1) for m in _API_LINE.finditer(Path(f.abs_src_path).read_text(encoding="utf-8")))
     return files
 
 
@@ -113,7 +114,13 @@ def _api_markdown(markdown: str, src_uri: str) -> str:
         else:
             block = "Every public name is documented on one of the pages above."
         markdown = markdown.replace("<!-- api-unlisted -->", block)
-    return _API_LINE.sub(lambda m: f"::: {_defining_path(bd, m.group(1))}", markdown)
+    def entry(m):
+        name, optional = m.group(1), m.group(2) == "?"
+        if optional and name not in getattr(bd, "__all__", ()):
+            log.info("docs: %s: bayes_dgme.%s is not public in this tree; its entry is left out", src_uri, name)
+            return ""
+        return f"::: {_defining_path(bd, name)}"
+    return _API_LINE.sub(entry, markdown)
 
 
 # ------------------------------------------------------------------------------------------------ CLI
