@@ -83,6 +83,12 @@ def test_wheel_contents(built):
     dask = [r for r in requires if r.lower().startswith("dask")]
     assert dask and all("extra ==" in r for r in dask), dask
     assert not any(n.startswith(("tests/", "docs/", "site/")) for n in names)
+    # every file of the package ships: modules, data sets, the type marker
+    package = ROOT / "bayes_dgme"
+    files = [p.relative_to(ROOT).as_posix() for p in package.rglob("*")
+             if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"]
+    missing = sorted(set(files) - names)
+    assert not missing, f"not in the wheel: {missing}"
 
 
 def test_sdist_contents(built):
