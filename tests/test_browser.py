@@ -191,22 +191,30 @@ def assert_every_figure_drawn(info: dict, errors: list[str], min_images: int) ->
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory) -> dict[str, Path]:
-    """A tiny real fit and an EM-only study, with their reports, made through the command line."""
-    out = tmp_path_factory.mktemp("browser")
-    fit = ["fit", "d1_exact", "--n", "150", "--seed", "1", "--draws", "60", "--tune", "60", "--chains", "2",
-           "--no-deviation-test", "--quiet", "--out", str(out / "fit.nc"), "--report", str(out / "fit.html")]
-    study = ["study", "d1_exact", "--n", "100,200,400", "--reps", "2", "--estimators", "em", "--seed", "3",
-             "--workers", "1", "--quiet", "--out", str(out / "study"), "--report", str(out / "study.html")]
-    assert cli_main(fit) == 0
-    assert cli_main(study) == 0
-    return {"fit": out / "fit.html", "study": out / "study.html"}
+def fit_report(tmp_path_factory) -> Path:
+    """The report of a tiny real posterior fit, made through the command line."""
+    out = tmp_path_factory.mktemp("browser_fit")
+    argv = ["fit", "d1_exact", "--n", "150", "--seed", "1", "--draws", "60", "--tune", "60", "--chains", "2",
+            "--no-deviation-test", "--quiet", "--out", str(out / "fit.nc"), "--report", str(out / "fit.html")]
+    assert cli_main(argv) == 0
+    return out / "fit.html"
 
 
-@pytest.mark.parametrize(("which", "min_images"), [("fit", 6), ("study", 2)])
-def test_report_renders_in_headless_chromium(reports, which, min_images, tmp_path):
+@pytest.fixture(scope="module")
+def study_report(tmp_path_factory) -> Path:
+    """The report of a small EM-only contraction study, made through the command line."""
+    out = tmp_path_factory.mktemp("browser_study")
+    argv = ["study", "d1_exact", "--n", "100,200,400", "--reps", "2", "--estimators", "em", "--seed", "3",
+            "--workers", "1", "--quiet", "--out", str(out / "study"), "--report", str(out / "study.html")]
+    assert cli_main(argv) == 0
+    return out / "study.html"
+
+
+@pytest.mark.parametrize(("which", "min_images"), [("fit_report", 6), ("study_report", 2)])
+def test_report_renders_in_headless_chromium(which, min_images, request, tmp_path):
     chromium = require_chromium()
-    info, errors = render(chromium, reports[which], tmp_path / "profile")
+    page = request.getfixturevalue(which)
+    info, errors = render(chromium, page, tmp_path / "profile")
     assert info["title"], "the page has no title"
     assert info["sections"] >= 3, f"only {info['sections']} sections rendered"
     assert_every_figure_drawn(info, errors, min_images)
