@@ -1,19 +1,20 @@
 # Two commands do everything on a fresh machine:
 #   make demo   -- the main job: a small end-to-end study on the default scenario, with a report
 #   make test   -- lint and the whole test suite
-# Both create (or reuse) .venv with python3.12 and install the package with its test extras.
+#   make docs   -- the documentation site into site/ (mkdocs build --strict: warnings are errors)
+# Each creates (or reuses) .venv with python3.12 and installs the package with its test and docs extras.
 
 PYTHON ?= python3.12
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean-venv
+.PHONY: demo test lint docs bench clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,docs]"
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -24,6 +25,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -n 2 --durations=15
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --clean --site-dir site
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
