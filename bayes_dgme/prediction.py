@@ -26,7 +26,7 @@ import xarray as xr
 from .data import check_data
 from .known import KnownFunction, from_dict, log_density
 from .likelihood import log_joint_terms, loglik_pointwise
-from .params import Params, _logsumexp
+from .params import Params, logsumexp
 from .posterior import params_from_posterior
 
 __all__ = ["predict", "responsibilities", "add_log_likelihood", "known_from_tree", "CHUNK_ELEMENTS"]
@@ -278,7 +278,7 @@ def responsibilities(tree: Any, X: Any = None, Y: Any = None, known: KnownFuncti
     count = 0
     for _, _, part in _flat_chunks(params, n * (params.k + 1)):
         terms = log_joint_terms(part, X, Y, log_g0=log_g0)
-        resp = np.exp(terms - _logsumexp(terms, axis=-1)[..., None])
+        resp = np.exp(terms - logsumexp(terms, axis=-1)[..., None])
         total += resp.sum(axis=0)
         count += part.batch_shape[0]
     mean = total / count
