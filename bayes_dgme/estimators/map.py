@@ -276,7 +276,10 @@ def fit_map(X, Y, known: KnownFunction, k: int, gating: str = "constant", seed=N
 
     from ..model import build_model
 
-    model_priors = priors.replace(order="none", bounds=bounds)
+    # The box is enforced by L-BFGS-B on the standardised variables (`box` below); the model is built
+    # unbounded so that its variables keep plain transforms (a truncated prior differs from the plain
+    # one by a constant inside the box, so the MAP point is the same).
+    model_priors = priors.replace(order="none", bounds=Bounds())
     model = build_model(X, Y, known, k, gating=gating, priors=model_priors)
     scales = _scales(model)
     initvals = [initvals_from_params(model, p) for p in starts]  # scales read before freezing
