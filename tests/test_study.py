@@ -398,7 +398,7 @@ def test_point_estimators_get_the_scenario_bounds_when_they_take_them():
 
     box = bd.Bounds(variance=(0.01, 10.0))
     scen = bd.load_scenario("d1_exact")
-    scen = dataclasses.replace(scen, priors=scen.priors.replace(bounds=box))
+    scen = dataclasses.replace(scen, priors=scen.priors.replace(bounds=box), bounds=box)
 
     def with_bounds(X, Y, known, k, gating="constant", seed=None, bounds=None):
         return None
