@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from .params import Params
+
 __all__ = [
     "META_ATTR", "FitFile", "WriteError", "write_fit", "read_fit", "atomic_write_text", "atomic_write_bytes",
     "atomic_output", "check_writable", "json_safe", "covariate_names",
@@ -160,7 +162,9 @@ def check_writable(path: str | os.PathLike, what: str = "--out", suffixes: tuple
 
 # ====================================================================== JSON
 def json_safe(value: Any) -> Any:
-    """``value`` with NumPy scalars/arrays, paths and non-finite floats made JSON-safe (NaN/inf -> None)."""
+    """``value`` with NumPy scalars/arrays, `Params`, paths and non-finite floats made JSON-safe (NaN/inf -> None)."""
+    if isinstance(value, Params):
+        return value.to_dict()
     if isinstance(value, dict):
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

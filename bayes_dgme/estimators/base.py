@@ -27,6 +27,7 @@ import numpy as np
 
 from ..bounds import Bounds
 from ..data import check_data
+from ..fitfile import json_safe
 from ..known import KnownFunction, log_density
 from ..params import GATINGS, Params
 from ..validation import check_choice, check_int
@@ -61,25 +62,7 @@ def json_float(x: Any) -> float | None:
     return x if math.isfinite(x) else None
 
 
-def json_value(value: Any) -> Any:
-    """A JSON-ready copy of nested dicts, lists, arrays, numbers, strings and `Params`."""
-    if isinstance(value, Params):
-        return value.to_dict()
-    if isinstance(value, dict):
-        return {str(k): json_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_value(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_value(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        return json_float(value)
-    if value is None or isinstance(value, str):
-        return value
-    return str(value)
+json_value = json_safe  # one JSON-safe converter for the package (`bayes_dgme.fitfile.json_safe`)
 
 
 def _read_only(values: Any) -> np.ndarray:
