@@ -119,13 +119,18 @@ def loss_summary(est, truth, posterior: bool) -> dict[str, float]:
 
     A posterior (``est`` a batch of draws) gives per loss its mean over the draws (``voronoi``),
     median (``voronoi_median``), 90% and 95% quantiles (``voronoi_q90``, ``voronoi_q95``) and standard
-    deviation (``voronoi_sd``); a point estimate its loss (``voronoi``).
+    deviation (``voronoi_sd``); a point estimate its loss (``voronoi``). The Wasserstein loss is
+    defined for constant gating only (DESIGN.md 4.4): with softmax gating its columns are absent.
     """
     from ..losses import voronoi_loss
     from ..wasserstein import wasserstein_loss
 
     out: dict[str, float] = {}
-    for name, fn in (("voronoi", voronoi_loss), ("wasserstein", wasserstein_loss)):  # = LOSSES
+    losses = [("voronoi", voronoi_loss), ("wasserstein", wasserstein_loss)]  # = LOSSES
+    if truth.gating == "softmax" or est.gating == "softmax":
+        # The Wasserstein baseline needs one mixing measure: constant gating only (DESIGN.md 4.4).
+        losses = losses[:1]
+    for name, fn in losses:
         values = np.asarray(fn(est, truth), dtype=float).reshape(-1)
         if not posterior:
             out[name] = float(values[0])
