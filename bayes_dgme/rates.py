@@ -385,7 +385,7 @@ def _rows(sub: pd.DataFrame, col: str, methods: list[str], level: float, label: 
 def _warn(rows: list[dict[str, Any]]) -> None:
     flagged = [r for r in rows if r.get("warning")]
     if flagged:
-        what = sorted({r["warning"] for r in flagged})
+        what = sorted({part for r in flagged for part in r["warning"].split("; ")})
         warnings.warn(f"{len(flagged)} of {len(rows)} rates rest on too little data ({'; '.join(what)}); see the "
                       "'warning' column", RateWarning, stacklevel=3)
 
