@@ -511,8 +511,9 @@ def parameter_rates(df: pd.DataFrame, estimators: Sequence[str] | None = None,
     for e in _estimators(df, estimators):
         sub = df[df["estimator"] == e]
         for col, p, j in cols:
-            if sub[col].isna().all():
-                continue
+            vals = pd.to_numeric(sub[col], errors="coerce")
+            if not (np.isfinite(vals) & (vals > 0)).any():
+                continue  # no error to measure (e.g. the reference expert's gate, fixed at 0 in every fit)
             m, agree = _cell_sizes_at_max_n(sub, j)
             theory = theory_slope(p, m, g0_cell=d2 and j == 0, gating=gating)
             note = reason or ("" if np.isfinite(theory) else f"cell {j} is empty at the largest n")
