@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -267,8 +266,7 @@ def write_outputs(studies: dict[float, ps.Study], args, started: float) -> pd.Da
     figure(frames, rates, fig_path, f"{base.name} (k = {base.k}, k* = {base.truth.k}): posterior contraction by "
                                     f"Dirichlet α, n up to {max(args.sizes)}", args.merged_mass)
     if not args.no_figure_copy:
-        FIGURE.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(fig_path, FIGURE)
+        ps.curated_copy(fig_path, FIGURE)
     ps.say(f"wrote {args.out / 'rates.md'}, {args.out / 'slow_rates.md'}, {fig_path}")
     return rates
 

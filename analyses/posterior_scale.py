@@ -72,6 +72,8 @@ QUICK = {"sizes": [250, 500], "reps": 2, "draws": 150, "tune": 150}
 SECONDS_PER_N = {"d1_exact": 6e-3, "d1_over": 9e-3, "d2_exact": 6e-3, "d2_over": 1.2e-2}
 #: Compilation of one setting's model by one worker (seconds, one core; measured here on a loaded machine).
 COMPILE_SECONDS = 60.0
+#: Replicate counts after which the outputs are written (then all replicates): ``--rounds``.
+DEFAULT_ROUNDS = (2, 4)
 #: Loss statistics of the posterior shown in the tables.
 STATISTICS = ("voronoi", "voronoi_median", "voronoi_q90")
 
@@ -100,6 +102,9 @@ def add_grid_arguments(p: argparse.ArgumentParser, reps: int = 8, draws: int = 5
                    help="time one fit per setting at --probe-n first and base the wall-time estimate on it")
     p.add_argument("--probe-n", type=int, default=2000, help="sample size of the --time-fits fits")
     p.add_argument("--estimate-only", action="store_true", help="print the wall-time estimate and stop")
+    p.add_argument("--rounds", default=",".join(map(str, DEFAULT_ROUNDS)),
+                   help="replicate counts after which the tables and figure are written before the full --reps "
+                        "(default %(default)s; 'none': one pass). Each round recompiles the models (~1 min each)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -116,6 +121,12 @@ def check_grid(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--tune: expected a non-negative integer, got {args.tune}")
     if args.chains < 2:
         p.error(f"--chains: R-hat needs at least 2 chains, got {args.chains}")
+    try:
+        args.rounds = [] if args.rounds.strip().lower() == "none" else _ints(args.rounds)
+    except argparse.ArgumentTypeError:
+        p.error(f"--rounds: expected comma-separated replicate counts or 'none', got {args.rounds!r}")
+    if any(r < 1 for r in args.rounds):
+        p.error(f"--rounds: expected positive replicate counts, got {args.rounds}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -149,9 +160,10 @@ def hms(seconds: float) -> str:
     return f"{h} h {rem // 60:02d} min" if h else f"{rem // 60} min {rem % 60:02d} s"
 
 
-def rounds(reps: int) -> list[int]:
-    """Replicate counts of the successive rounds: 2, 4, then all (each round extends the last)."""
-    return sorted({min(r, reps) for r in (2, 4, reps)})
+def rounds(reps: int, steps: list[int] | None = None) -> list[int]:
+    """Replicate counts of the successive rounds: ``steps`` (default 2, 4), then all; each round extends
+    the last. Every round starts new worker processes, which compile each setting's model again."""
+    return sorted({min(r, reps) for r in (*(DEFAULT_ROUNDS if steps is None else steps), reps)})
 
 
 # ------------------------------------------------------------------------------------------ studies
@@ -198,8 +210,14 @@ def probe(study: Study, args) -> float:
                       seed=args.seed, workers=1, draws=args.draws, tune=args.tune, chains=args.chains,
                       progress=False, extend=True)
     row = df.iloc[0]
-    secs = float(cell_seconds(df).iloc[0]) if "total_seconds" in df.columns else time.perf_counter() - t0
-    say(f"  {study.label:<22} one fit at n = {args.probe_n}: {secs:6.1f} s (sampling {row.get('sample_seconds')} s, "
+    parts = ("init_seconds", "sample_seconds", "diagnostics_seconds", "loss_seconds")
+    if all(c in df.columns and np.isfinite(float(row[c])) for c in parts):
+        secs = float(sum(float(row[c]) for c in parts))  # the fit's own work, not this process's first-call costs
+    else:
+        secs = float(cell_seconds(df).iloc[0]) if "total_seconds" in df.columns else time.perf_counter() - t0
+    say(f"  {study.label:<22} one fit at n = {args.probe_n}: {secs:6.1f} s (sampling "
+        f"{float(row['sample_seconds']):.1f} s; label-invariant R-hat of the loss "
+        f"{float(row.get('rhat_loss', np.nan)):.3f}, bulk ESS {float(row.get('ess_bulk_loss', np.nan)):.0f}; "
         f"status {row['status']})")
     return secs
 
@@ -235,24 +253,26 @@ def cost_model(study: Study, args, probed: float | None) -> tuple[callable, str]
     return (lambda n: max(5.0, per * n)), f"the default cost {SECONDS_PER_N[key]:g} s per n per 1000 iterations"
 
 
-def remaining(study: Study, args, cost) -> tuple[int, float]:
-    """Cells of the requested grid not finished yet, and their estimated wall seconds."""
+def remaining(study: Study, args, cost) -> tuple[int, float, int]:
+    """Cells of the requested grid not finished yet, their estimated wall seconds (compilation aside) and the
+    number of rounds that still have work (each compiles the model once per worker)."""
     df = study_records(study, args)
     done = set()
     if not df.empty:
         ok = df[df["status"] == "ok"] if "status" in df.columns else df
         done = {(int(n), int(r)) for n, r in zip(ok["n"], ok["replicate"])}
     todo = [(n, r) for n in args.sizes for r in range(args.reps) if (n, r) not in done]
-    return len(todo), sum(cost(n) for n, _ in todo)
+    passes = sum(any(lo <= r < hi for _, r in todo) for lo, hi in zip([0, *rounds(args.reps, args.rounds)],
+                                                                      rounds(args.reps, args.rounds)))
+    return len(todo), sum(cost(n) for n, _ in todo), passes
 
 
 def estimate(studies: list[Study], args, probes: dict[str, float]) -> float:
     total, cells = 0.0, 0
     for s in studies:
         cost, basis = cost_model(s, args, probes.get(s.label))
-        k, secs = remaining(s, args, cost)
-        if k and not (s.folder / "cells").is_dir():
-            secs += COMPILE_SECONDS * min(args.workers, k) / 2  # each worker compiles the model once (1 core)
+        k, secs, passes = remaining(s, args, cost)
+        secs += COMPILE_SECONDS * passes  # every pass: each worker compiles the model once (in parallel)
         cells += k
         total += secs
         say(f"  {s.label:<22} {k:3d} cells to run, ~{hms(secs)} (fit at n = {max(args.sizes)}: "
@@ -273,7 +293,7 @@ def run_all(studies: list[Study], args, after_round) -> float:
     if args.estimate_only:
         return 0.0
     t0 = time.perf_counter()
-    for reps in rounds(args.reps):
+    for reps in rounds(args.reps, args.rounds):
         say(f"round: {reps} replicate(s) at n = {args.sizes}")
         for s in studies:
             t1 = time.perf_counter()
@@ -400,6 +420,18 @@ def figure(frames: dict[str, pd.DataFrame], rates: pd.DataFrame, path: Path, tit
     plots.save(fig, path)
 
 
+def curated_copy(src: Path, dst: Path) -> None:
+    """Copy a figure to ``docs/figures`` as a small PNG (128-colour palette: about a third of the size)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from PIL import Image
+
+        with Image.open(src) as im:
+            im.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
+    except (ImportError, OSError, ValueError):
+        shutil.copyfile(src, dst)
+
+
 # ------------------------------------------------------------------------------------------ main
 def write_outputs(studies: list[Study], args, started: float) -> pd.DataFrame:
     frames = {s.label: study_records(s, args) for s in studies}
@@ -435,8 +467,7 @@ def write_outputs(studies: list[Study], args, started: float) -> pd.DataFrame:
     figure(frames, rates, fig_path, f"The posterior at scale ({args.chains} chains x {args.draws} draws, "
                                     f"≤ {args.reps} replicates): measured rates against DESIGN.md 4.5")
     if not args.no_figure_copy:
-        FIGURE.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(fig_path, FIGURE)
+        curated_copy(fig_path, FIGURE)
     say(f"wrote {args.out / 'rates.md'}, {args.out / 'loss_rates.md'}, {args.out / 'diagnostics.md'}, {fig_path}")
     return rates
 
@@ -456,8 +487,8 @@ def main(argv=None) -> int:
     if not rates.empty:
         v = rates[(rates["kind"] == "loss") & (rates["statistic"] == "voronoi")]
         for _, r in v.iterrows():
-            say(f"{r['setting']:<9} {r['method']:<6} posterior mean Voronoi loss: {r['slope']:+.3f} "
-                f"[{r['lo']:+.3f}, {r['hi']:+.3f}] (df {r['df']:.0f}; theory -1/2)")
+            ci = f"[{r['lo']:+.3f}, {r['hi']:+.3f}] (t, df {r['df']:.0f})" if np.isfinite(r["lo"]) else "(no interval)"
+            say(f"{r['setting']:<9} {r['method']:<6} posterior mean Voronoi loss: {r['slope']:+.3f} {ci}; theory -1/2")
     say(f"total wall time {hms(time.perf_counter() - started)}")
     return 0
 
