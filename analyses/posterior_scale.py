@@ -67,9 +67,11 @@ SEED = 20240205
 #: A smoke run: the same code path at tiny sizes and short chains.
 QUICK = {"sizes": [250, 500], "reps": 2, "draws": 150, "tune": 150}
 #: Default cost of one 2-chain posterior fit alone on this 2-core machine, seconds per observation per
-#: 1000 iterations per chain (tune + draws), by setting; used only when neither finished cells nor
-#: ``--time-fits`` give a better figure. Measured on 2026-11-25 with a loaded machine; see `--time-fits`.
-SECONDS_PER_N = {"d1_exact": 6e-3, "d1_over": 9e-3, "d2_exact": 6e-3, "d2_over": 1.2e-2}
+#: 1000 iterations per chain (tune + draws), by study label (exact label first, then the longest prefix);
+#: used only when neither finished cells nor ``--time-fits`` give a better figure. Measured on 2026-11-25
+#: with ``--time-fits`` (one fit at n = 2000, 500 + 500 iterations, EM start; the fit's own work).
+SECONDS_PER_N = {"d1_exact": 4.2e-3, "d1_over": 1.8e-2, "d2_exact": 2.9e-3, "d2_over": 1.33e-2,
+                 "d1_over_alpha0.05": 2.5e-2, "d1_over_alpha5": 8.2e-3}
 #: Compilation of one setting's model by one worker (seconds, one core; measured here on a loaded machine).
 COMPILE_SECONDS = 60.0
 #: Replicate counts after which the outputs are written (then all replicates): ``--rounds``.
@@ -248,7 +250,8 @@ def cost_model(study: Study, args, probed: float | None) -> tuple[callable, str]
         return (lambda n: t0 * n / n0), f"{len(ok)} finished cells at one size (time ~ n)"
     if probed is not None:
         return (lambda n: probed * n / args.probe_n), f"a probe fit at n = {args.probe_n} (time ~ n)"
-    key = next((k for k in SECONDS_PER_N if study.label.startswith(k)), "d2_over")
+    key = study.label if study.label in SECONDS_PER_N else max(
+        (k for k in SECONDS_PER_N if study.label.startswith(k)), key=len, default="d1_over_alpha0.05")
     per = SECONDS_PER_N[key] * _iterations(args)
     return (lambda n: max(5.0, per * n)), f"the default cost {SECONDS_PER_N[key]:g} s per n per 1000 iterations"
 
@@ -293,19 +296,29 @@ def run_all(studies: list[Study], args, after_round) -> float:
     if args.estimate_only:
         return 0.0
     t0 = time.perf_counter()
+    failures: list[str] = []
     for reps in rounds(args.reps, args.rounds):
         say(f"round: {reps} replicate(s) at n = {args.sizes}")
         for s in studies:
             t1 = time.perf_counter()
-            run_round(s, reps, args)
-            say(f"  {s.label}: done up to {reps} replicate(s) ({hms(time.perf_counter() - t1)})")
+            try:
+                run_round(s, reps, args)
+            except (ValueError, OSError, RuntimeError) as err:  # e.g. another run holds the folder: go on
+                failures.append(s.label)
+                say(f"  {s.label}: NOT RUN this round: {type(err).__name__}: {' '.join(str(err).split())[:300]}")
+                continue
+            df = study_records(s, args)
+            bad = int((df["status"] != "ok").sum()) if "status" in df.columns else 0
+            say(f"  {s.label}: done up to {reps} replicate(s) ({hms(time.perf_counter() - t1)})"
+                + (f"; {bad} failed cell(s), rerun the command to retry them" if bad else ""))
         after_round()
         say(f"elapsed {hms(time.perf_counter() - t0)}")
         if reps < args.reps:
             say("remaining:")
             estimate(studies, args, probes)
     elapsed = time.perf_counter() - t0
-    say(f"all rounds done: wall time {hms(elapsed)}")
+    say(f"all rounds done: wall time {hms(elapsed)}"
+        + (f"; not run in some round: {sorted(set(failures))} (rerun the same command)" if failures else ""))
     return elapsed
 
 
