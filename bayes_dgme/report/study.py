@@ -223,8 +223,8 @@ def study_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
             if not issubclass(w.category, RateWarning):
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         flagged = [r for r in rates["warning"] if r] if "warning" in rates.columns else []
-        too_little = (f"{len(flagged)} of {len(rates)} rates rest on {'; '.join(sorted(set(flagged)))}"
-                      if flagged else "")
+        reasons = sorted({part for w in flagged for part in w.split("; ")})
+        too_little = f"{len(flagged)} of {len(rates)} rates rest on {'; '.join(reasons)}" if flagged else ""
         if not too_little and any(issubclass(w.category, RateWarning) for w in caught):
             too_little = next(str(w.message) for w in caught if issubclass(w.category, RateWarning))
         body = "".join(figs) + ("<p class=\"note\">Log-log axes. Theory (DESIGN.md §4.5): the Voronoi loss of the MLE "
