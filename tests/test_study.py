@@ -432,3 +432,19 @@ def test_softmax_cells_score_the_voronoi_loss_and_skip_the_constant_gating_wasse
     assert rec["status"] == "ok", rec["error"]
     assert not any(key.startswith("wasserstein") for key in rec)
     assert np.isfinite(rec["voronoi"]) and rec["voronoi"] > 0
+
+
+def test_invariant_diagnostics_pick_the_label_invariant_rows_and_leave_gaps_empty():
+    from bayes_dgme.study.cells import invariant_diagnostics
+
+    table = pd.DataFrame([
+        {"quantity": "lam", "kind": "label-invariant", "rhat": 1.004, "ess_bulk": 850.0, "ess_tail": 700.0},
+        {"quantity": "voronoi_loss", "kind": "label-invariant", "rhat": float("nan"), "ess_bulk": 90.0,
+         "ess_tail": 120.0},  # one chain: R-hat undefined
+        {"quantity": "slopes", "kind": "label-dependent", "rhat": 1.9, "ess_bulk": 5.0, "ess_tail": 6.0},
+    ])
+    got = invariant_diagnostics(table)
+    assert got["rhat_lam"] == 1.004 and got["ess_bulk_lam"] == 850.0 and got["ess_tail_lam"] == 700.0
+    assert got["rhat_loss"] is None and got["ess_bulk_loss"] == 90.0
+    assert got["rhat_loglik"] is None and got["ess_tail_loglik"] is None  # no such row: no value
+    assert 1.9 not in got.values()  # a label-dependent row never counts
