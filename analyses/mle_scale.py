@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import shutil
 import sys
 import textwrap
 import time
@@ -42,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from posterior_scale import curated_copy
 
 import bayes_dgme as bd
 from bayes_dgme.rates import RateWarning, rates_markdown, write_rates
@@ -298,8 +298,7 @@ def main(argv=None) -> int:
     fig_path = args.out / "mle_scale.png"
     figure(frames, rates, fig_path)
     if not args.no_figure_copy:
-        FIGURE.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(fig_path, FIGURE)
+        curated_copy(fig_path, FIGURE)
     say(f"wrote {args.out / 'rates.md'}, {args.out / 'loss_rates.md'}, {fig_path}")
     wide = loss[(loss["estimator"] == "em") & ~(loss["width"] <= 0.15)]
     if not wide.empty:

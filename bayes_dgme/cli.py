@@ -530,10 +530,20 @@ def _print_study_summary(df, scenario=None) -> None:
 
         truth = _truth(scenario) if scenario is not None else None
         theory = "no rate theory at λ* = 0" if truth is not None and float(truth.lam) == 0 else "theory -1/2"
-        rates = contraction_rates(ok, statistics=["voronoi"], per_cell=False, n_boot=500)
+        from .rates import RateWarning
+
+        with warnings.catch_warnings():  # too little data: said once, in plain words, below
+            warnings.simplefilter("ignore", RateWarning)
+            rates = contraction_rates(ok, statistics=["voronoi"], per_cell=False, methods=("ols", "median"))
         _say(f"rate of the Voronoi loss (slope of log loss on log n; {theory}):")
         for _, r in rates.iterrows():
-            _say(f"  {r['estimator']:<10} {r['slope']:+.3f}  95% interval [{r['lo']:+.3f}, {r['hi']:+.3f}]")
+            ci = (f"95% interval [{r['lo']:+.3f}, {r['hi']:+.3f}] (t, df {r['df']:.0f})" if np.isfinite(r["lo"])
+                  else "no interval (too few sizes)")
+            _say(f"  {r['estimator']:<10} {r['method']:<7} {r['slope']:+.3f}  {ci}")
+        flagged = sorted({w for w in rates["warning"] if w})
+        if flagged:
+            _say(f"note: these rates rest on {'; '.join(flagged)}: their intervals are not to be trusted "
+                 "(run more sizes or replicates, e.g. with --extend)")
 
 
 def cmd_report(args) -> int:

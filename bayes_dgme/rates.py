@@ -385,7 +385,7 @@ def _rows(sub: pd.DataFrame, col: str, methods: list[str], level: float, label: 
 def _warn(rows: list[dict[str, Any]]) -> None:
     flagged = [r for r in rows if r.get("warning")]
     if flagged:
-        what = sorted({r["warning"] for r in flagged})
+        what = sorted({part for r in flagged for part in r["warning"].split("; ")})
         warnings.warn(f"{len(flagged)} of {len(rows)} rates rest on too little data ({'; '.join(what)}); see the "
                       "'warning' column", RateWarning, stacklevel=3)
 
@@ -511,8 +511,9 @@ def parameter_rates(df: pd.DataFrame, estimators: Sequence[str] | None = None,
     for e in _estimators(df, estimators):
         sub = df[df["estimator"] == e]
         for col, p, j in cols:
-            if sub[col].isna().all():
-                continue
+            vals = pd.to_numeric(sub[col], errors="coerce")
+            if not (np.isfinite(vals) & (vals > 0)).any():
+                continue  # no error to measure (e.g. the reference expert's gate, fixed at 0 in every fit)
             m, agree = _cell_sizes_at_max_n(sub, j)
             theory = theory_slope(p, m, g0_cell=d2 and j == 0, gating=gating)
             note = reason or ("" if np.isfinite(theory) else f"cell {j} is empty at the largest n")

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pandas as pd
 import pytest
 
 from bayes_dgme import cli
+from bayes_dgme.rates import RateWarning, fit_slope
 
 _SCRIPT = Path(sys.executable).with_name("bayes-dgme")
 BASE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "bayes_dgme.cli"]
@@ -161,6 +163,17 @@ def test_study_em_and_report(workdir):
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 4 and set(df["estimator"]) == {"em"} and set(df["n"]) == {100, 200}
     assert "rate of the Voronoi loss" in proc.stdout
+    # both rate methods with their t degrees of freedom; 2 sizes x 2 replicates: one plain note, no warning dump
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RateWarning)
+        ols = fit_slope(df["n"], df["voronoi"], method="ols")
+    assert ols["df"] == 2  # 2 sizes: the residuals of all 4 points are pooled
+    line = f"{ols['slope']:+.3f}  95% interval [{ols['lo']:+.3f}, {ols['hi']:+.3f}] (t, df 2)"
+    assert re.search(r"em\s+ols\s+" + re.escape(line), proc.stdout), proc.stdout
+    assert re.search(r"em\s+median\s+[+-]\d\.\d{3}\s+no interval", proc.stdout), proc.stdout
+    notes = [line for line in proc.stdout.splitlines() if line.startswith("note: these rates rest on")]
+    assert len(notes) == 1 and "2 sample sizes (< 3)" in notes[0] and "2 replicates at some size" in notes[0]
+    assert "RateWarning" not in proc.stderr and "warnings.warn" not in proc.stderr
     assert html.is_file() and '<section id="rates">' in html.read_text(encoding="utf-8")
     # report on the folder, and resuming does nothing new
     html2 = workdir / "study2.html"

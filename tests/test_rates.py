@@ -304,6 +304,17 @@ def test_mass_weighted_per_atom_errors_get_the_same_theory(rng):
     assert (got["agrees"] == True).sum() >= 3  # noqa: E712 -- nullable boolean
 
 
+def test_an_error_that_is_zero_in_every_fit_has_no_rate_and_no_warning(rng):
+    """Softmax gating fixes the reference expert's gate at 0: its gate error is 0 in every record. That is
+    no rate (and no 'too little data' warning), while the other atoms keep theirs."""
+    df = _synthetic(rng, {"gate_slope_weighted_err_2": -0.5, "voronoi": -0.5}, estimators=("em",), reps=4,
+                    extra={"gate_slope_weighted_err_1": 0.0, "cell_size_1": 1, "cell_size_2": 1, "gating": "softmax"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RateWarning)
+        rates = parameter_rates(df)
+    assert list(rates["statistic"]) == ["gate_slope_weighted_err_2"] and rates["warning"].iloc[0] == ""
+
+
 def test_figures_from_synthetic_records(rng, tmp_path):
     df = _synthetic(rng, {"voronoi": -0.5, "voronoi_q90": -0.45, "wasserstein": -0.2, "slope_err_1": -0.5,
                           "intercept_err_1": -0.5, "variance_err_1": -0.5, "slope_err_2": -0.125,

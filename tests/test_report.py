@@ -175,6 +175,30 @@ def test_study_report_sections_images_and_theory(study_dir, tmp_path):
     assert "No posterior cells" in page
 
 
+def test_study_report_rates_show_method_df_and_one_plain_too_little_data_line(study_dir):
+    import warnings
+
+    from bayes_dgme.rates import RateWarning, contraction_rates
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RateWarning)  # the report says it in the page, not as a Python warning
+        page = report.study_report(study_dir)
+    rates_html = re.search(r'<section id="rates">.*?</section>', page, re.S).group(0)
+    assert "<th>method</th>" in rates_html and "<th>df</th>" in rates_html and "bootstrap" not in rates_html
+    # the numbers are those of bayes_dgme.rates on the same records (3 sizes x 2 replicates)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RateWarning)
+        expect = contraction_rates(bd.load_results(study_dir), statistics=["voronoi"], per_cell=False,
+                                   methods=("ols", "median"))
+    for _, r in expect.iterrows():
+        cells = re.findall(r"<td>(.*?)</td>", re.search(
+            rf"<tr><td>em</td><td>voronoi</td><td>{r['method']}</td>.*?</tr>", rates_html).group(0))
+        assert cells[3] == f"{r['slope']:+.3f}" and cells[4] == f"[{r['lo']:+.3f}, {r['hi']:+.3f}]"
+        assert cells[5] == f"{r['df']:.0f}" and cells[6] == "3 × 2"
+    assert rates_html.count("Too little data:") == 1
+    assert "2 replicates at some size (&lt; 3)" in rates_html
+
+
 def test_study_report_lists_bad_posterior_cells(study_dir, monkeypatch):
     import pandas as pd
 

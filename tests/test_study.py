@@ -96,6 +96,9 @@ def test_a_cell_rerun_alone_gives_the_same_record(tmp_path):
     row = df[(df["n"] == 160) & (df["replicate"] == 1)].iloc[0]
     task = CellTask(scen, 160, 1, "em", 3, draws=1000, tune=1000, chains=2, sampler="nutpie")
     rec = run_cell(task)
+    # the record carries the truth it was scored against (the rate tables read λ* from it)
+    assert rec["lam_true"] == scen.truth.lam == 0.6 and rec["k_true"] == scen.truth.k == 2
+    assert (df["lam_true"] == 0.6).all() and (df["k_true"] == 2).all()
     for key, value in rec.items():
         if key in NONDETERMINISTIC_COLUMNS:
             continue
@@ -287,6 +290,16 @@ def test_tiny_end_to_end_study_with_all_estimators(tmp_path):
     assert np.isclose(np.median(was), post["wasserstein_median"].iloc[0], rtol=1e-12)
     assert "log_likelihood" in fit.tree.children
 
+    # label-invariant R-hat / ESS of the loss, λ and the log-likelihood, per fit, as diagnostics.check gives
+    from bayes_dgme.diagnostics import check
+
+    table = check(fit.tree, truth).set_index("quantity")
+    row = post.iloc[0]
+    for suffix, quantity in (("loss", "voronoi_loss"), ("lam", "lam"), ("loglik", "loglik")):
+        for stat in ("rhat", "ess_bulk", "ess_tail"):
+            assert row[f"{stat}_{suffix}"] == pytest.approx(table.loc[quantity, stat], rel=1e-9), (stat, suffix)
+    assert row["rhat_max_invariant"] == pytest.approx(max(row["rhat_loss"], row["rhat_lam"], row["rhat_loglik"]))
+
     rates = bd.contraction_rates(df, n_boot=50)
     assert {"posterior", "map", "em"} <= set(rates["estimator"])
 
@@ -419,3 +432,19 @@ def test_softmax_cells_score_the_voronoi_loss_and_skip_the_constant_gating_wasse
     assert rec["status"] == "ok", rec["error"]
     assert not any(key.startswith("wasserstein") for key in rec)
     assert np.isfinite(rec["voronoi"]) and rec["voronoi"] > 0
+
+
+def test_invariant_diagnostics_pick_the_label_invariant_rows_and_leave_gaps_empty():
+    from bayes_dgme.study.cells import invariant_diagnostics
+
+    table = pd.DataFrame([
+        {"quantity": "lam", "kind": "label-invariant", "rhat": 1.004, "ess_bulk": 850.0, "ess_tail": 700.0},
+        {"quantity": "voronoi_loss", "kind": "label-invariant", "rhat": float("nan"), "ess_bulk": 90.0,
+         "ess_tail": 120.0},  # one chain: R-hat undefined
+        {"quantity": "slopes", "kind": "label-dependent", "rhat": 1.9, "ess_bulk": 5.0, "ess_tail": 6.0},
+    ])
+    got = invariant_diagnostics(table)
+    assert got["rhat_lam"] == 1.004 and got["ess_bulk_lam"] == 850.0 and got["ess_tail_lam"] == 700.0
+    assert got["rhat_loss"] is None and got["ess_bulk_loss"] == 90.0
+    assert got["rhat_loglik"] is None and got["ess_tail_loglik"] is None  # no such row: no value
+    assert 1.9 not in got.values()  # a label-dependent row never counts

@@ -37,8 +37,10 @@ def _study_scenario(df, spec: dict[str, Any] | None) -> Scenario | None:
 
 
 def _agree_badge(agrees: Any) -> str:
-    if agrees is None or (isinstance(agrees, float) and not np.isfinite(agrees)):
-        return badge("n/a")
+    import pandas as pd
+
+    if agrees is None or agrees is pd.NA or (isinstance(agrees, float) and not np.isfinite(agrees)):
+        return badge("n/a")  # no theory, or no interval (e.g. the median method with 2 sizes)
     return '<span class="badge pass">yes</span>' if bool(agrees) else '<span class="badge fail">no</span>'
 
 
@@ -69,34 +71,74 @@ def _theory_str(x: Any) -> str:
     return f"{x:+.3f}"
 
 
+def _df_str(x: Any) -> str:
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return "—"
+    return f"{x:.0f}" if np.isfinite(x) else "—"
+
+
+def _grid_str(r) -> str:
+    try:
+        return f"{int(r['n_sizes'])} × {int(r['n_reps'])}"
+    except (TypeError, ValueError, KeyError):
+        return "—"
+
+
 def _rates_table(rates) -> str:
     loss = rates[rates["kind"] == "loss"] if "kind" in rates.columns else rates
+    level = float(rates["level"].dropna().iloc[0]) if "level" in rates.columns and rates["level"].notna().any() \
+        else 0.95
+    ci = f"{100 * level:g}% interval"
     rows = []
     for _, r in loss.iterrows():
-        rows.append([esc(r["estimator"]), esc(r["statistic"]), _slope_str(r["slope"]),
-                     f"[{_slope_str(r['lo'])}, {_slope_str(r['hi'])}]", esc(_theory_str(r["theory"])),
-                     _agree_badge(r.get("agrees"))])
-    html_ = "<h3>Loss rates</h3>" + table(["estimator", "loss statistic", "measured slope", "95% interval",
-                                            "theory", "theory inside"], rows, raw=True)
+        rows.append([esc(r["estimator"]), esc(r["statistic"]), esc(r.get("method", "")), _slope_str(r["slope"]),
+                     f"[{_slope_str(r['lo'])}, {_slope_str(r['hi'])}]", _df_str(r.get("df")), esc(_grid_str(r)),
+                     esc(_theory_str(r["theory"])), _agree_badge(r.get("agrees")), esc(r.get("warning", "") or "")])
+    html_ = "<h3>Loss rates</h3>" + table(["estimator", "loss statistic", "method", "measured slope", ci, "df",
+                                            "sizes × reps", "theory", "theory inside", "too little data"],
+                                           rows, raw=True)
     par = rates[rates["kind"] == "parameter"] if "kind" in rates.columns else rates.iloc[0:0]
+    if "method" in par.columns:
+        par = par[par["method"] == "ols"]
     if not par.empty:
         rows = []
         for _, r in par.iterrows():
             atom = int(r["atom"])
-            rows.append([esc(r["estimator"]), esc(r["parameter"]),
+            rows.append([esc(r["estimator"]), esc(r["statistic"]),
                          esc("g0's atom" if atom == 0 else f"true expert {atom}"),
-                         esc(f"{int(r['cell_size'])}" + ("" if bool(r.get("cell_size_agree", True)) else " (varies)")),
+                         esc(f"{int(r['cell_size'])}" + ("" if bool(r.get("cell_size_agree", True)) else " (varies)")
+                             + (f" — {r['subset']}" if r.get("subset") else "")),
                          _slope_str(r["slope"]), f"[{_slope_str(r['lo'])}, {_slope_str(r['hi'])}]",
-                         esc(_theory_str(r["theory"])), _agree_badge(r.get("agrees"))])
+                         _df_str(r.get("df")), esc(_theory_str(r["theory"])), _agree_badge(r.get("agrees"))])
         n_agree = int(sum(bool(a) for a in par["agrees"].fillna(False))) if "agrees" in par.columns else 0
-        html_ += (f"<details><summary><b>Per-atom parameter-error rates</b> ({n_agree} of {len(par)} agree with "
-                  "theory; click to expand)</summary>" + table(
-                      ["estimator", "parameter", "atom", "cell size", "measured slope", "95% interval", "theory",
+        html_ += (f"<details><summary><b>Per-atom parameter-error rates</b> (method ols; {n_agree} of {len(par)} "
+                  "agree with theory; click to expand)</summary>" + table(
+                      ["estimator", "error column", "atom", "cell size", "measured slope", ci, "df", "theory",
                        "theory inside"], rows, raw=True) + "</details>")
     return html_
 
 
-def study_report(folder: str | Path, out: str | Path | None = None, *, n_boot: int = 1000) -> str:
+#: How the rate intervals are made (`bayes_dgme.rates`), for the note under the table.
+RATES_NOTE = (
+    "Slope of log(value) on log(n). The sample sizes are the independent units (every cell has its own data). "
+    "<b>ols</b>: least-squares slope of the per-size means of log(value), Student-t interval of a size-level "
+    "random-effects model (df = sizes − 2 when the size means scatter about the line more than the replicates "
+    "explain, else all points − 2). <b>median</b>: slope of the per-size medians (robust to a few wild replicates), "
+    "Student-t interval with df = sizes − 2. Cell sizes are read at the largest n.")
+
+
+def _rate_warning_line(messages: list[str]) -> str:
+    """Captured `RateWarning` messages as one plain note ('' when none)."""
+    if not messages:
+        return ""
+    return ('<p class="note"><b>Too little data:</b> '
+            + esc("; ".join(dict.fromkeys(messages)))
+            + ". Intervals resting on fewer than 3 sample sizes or 3 replicates are not to be trusted.</p>")
+
+
+def study_report(folder: str | Path, out: str | Path | None = None, *, n_boot: int | None = None) -> str:
     """Build the HTML report of a contraction study folder (``bayes-dgme study``).
 
     Parameters
@@ -105,8 +147,8 @@ def study_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
         A study folder written by `bayes_dgme.run_study`.
     out : str or Path, optional
         Where to write the HTML; nothing is written when ``None``.
-    n_boot : int
-        Bootstrap resamples of the rate intervals.
+    n_boot : int, optional
+        Ignored (the rate intervals are analytic since `bayes_dgme.rates` dropped the bootstrap).
 
     Returns
     -------
@@ -118,10 +160,12 @@ def study_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
     ValueError
         ``folder`` is not a study folder, or holds no finished cell.
     """
+    import warnings
+
     import pandas as pd
 
     from ..plots import contraction_plot, parameter_error_plot, rate_comparison_plot
-    from ..rates import contraction_rates
+    from ..rates import RateWarning, contraction_rates
     from ..study import load_results
 
     folder = Path(folder)
@@ -162,26 +206,35 @@ def study_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
     # ---------------------------------------------------------------- contraction figures and rates
     rates = None
     if len(ns) >= 2:
-        rates = contraction_rates(ok, n_boot=n_boot)
-        figs = [figure_img(contraction_plot(ok, rates=rates[rates["kind"] == "loss"]), "contraction")]
-        for e in [e for e in ("posterior", "em", "map") if e in estimators][:2]:
-            try:
-                figs.append(figure_img(parameter_error_plot(ok, estimator=e), f"parameter errors {e}"))
-            except ValueError as err:
-                figs.append(f'<p class="note">No parameter-error plot for {esc(e)}: {esc(one_line(err))}</p>')
-        loss_rates = rates[rates["kind"] == "loss"]
-        if not loss_rates.empty:
-            figs.append(figure_img(rate_comparison_plot(loss_rates, title="Measured loss rates vs theory"),
-                                   "rates vs theory"))
+        with warnings.catch_warnings(record=True) as caught:  # too little data: one plain line, below
+            warnings.simplefilter("always", RateWarning)
+            rates = contraction_rates(ok, methods=("ols", "median"))
+            plot_rates = rates[(rates["kind"] == "loss") & (rates["method"] == "ols")]
+            figs = [figure_img(contraction_plot(ok, rates=plot_rates), "contraction")]
+            for e in [e for e in ("posterior", "em", "map") if e in estimators][:2]:
+                try:
+                    figs.append(figure_img(parameter_error_plot(ok, estimator=e), f"parameter errors {e}"))
+                except ValueError as err:
+                    figs.append(f'<p class="note">No parameter-error plot for {esc(e)}: {esc(one_line(err))}</p>')
+            if not plot_rates.empty:
+                figs.append(figure_img(rate_comparison_plot(plot_rates, title="Measured loss rates vs theory (ols)"),
+                                       "rates vs theory"))
+        for w in caught:
+            if not issubclass(w.category, RateWarning):
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        flagged = [r for r in rates["warning"] if r] if "warning" in rates.columns else []
+        reasons = sorted({part for w in flagged for part in w.split("; ")})
+        too_little = f"{len(flagged)} of {len(rates)} rates rest on {'; '.join(reasons)}" if flagged else ""
+        if not too_little and any(issubclass(w.category, RateWarning) for w in caught):
+            too_little = next(str(w.message) for w in caught if issubclass(w.category, RateWarning))
         body = "".join(figs) + ("<p class=\"note\">Log-log axes. Theory (DESIGN.md §4.5): the Voronoi loss of the MLE "
                                 "and of the posterior shrinks like n<sup>-1/2</sup> in every setting; per atom, a "
                                 "singleton cell at n<sup>-1/2</sup>, a cell of m ≥ 2 fitted atoms at "
                                 "n<sup>-1/(2r̄(m))</sup> (slopes, intercepts) and n<sup>-1/r̄(m)</sup> (variances).</p>")
         sections.append(section("contraction", "Contraction", body))
-        sections.append(section("rates", "Rates next to theory", _rates_table(rates) +
-                                 "<p class=\"note\">Slope of log(value) on log(n) over all replicates; 95% percentile "
-                                 f"bootstrap interval resampling replicates within each n ({n_boot} resamples). "
-                                 "Cell sizes are read at the largest n.</p>"))
+        sections.append(section("rates", "Rates next to theory", _rate_warning_line([too_little] if too_little
+                                                                                     else []) +
+                                 _rates_table(rates) + f'<p class="note">{RATES_NOTE}</p>'))
     else:
         msg = ("<p class=\"note\">Rates need at least two sample sizes with finished cells; this study has "
                f"{len(ns)}.</p>")
@@ -236,7 +289,7 @@ def study_report(folder: str | Path, out: str | Path | None = None, *, n_boot: i
 
     verdict = ""
     if rates is not None:
-        v = rates[(rates["kind"] == "loss") & (rates["statistic"] == "voronoi")]
+        v = rates[(rates["kind"] == "loss") & (rates["statistic"] == "voronoi") & (rates["method"] == "ols")]
         parts = [f"{r['estimator']} {float(r['slope']):+.2f}" for _, r in v.iterrows()]
         theory = "theory −1/2" if sc is None or sc.truth is None or float(sc.truth.lam) > 0 else \
             "no rate theory at λ* = 0"

@@ -10,7 +10,16 @@
 
 from __future__ import annotations
 
-from .cells import FITTERS, CellTask, cell_error_columns, cell_seeds, loss_summary, run_cell
+from .cells import (
+    FITTERS,
+    CellTask,
+    cell_error_columns,
+    cell_seeds,
+    invariant_diagnostics,
+    loss_summary,
+    run_cell,
+    truth_columns,
+)
 from .records import (
     ESTIMATOR_CODES,
     ESTIMATORS,
@@ -27,5 +36,5 @@ from .summary import study_summary, summary_text
 __all__ = [
     "run_study", "load_results", "run_cell", "cell_seeds", "cell_key", "study_spec", "CellTask", "FITTERS",
     "ESTIMATORS", "ESTIMATOR_CODES", "NONDETERMINISTIC_COLUMNS", "LOSSES", "LOSS_STATISTICS", "StudyWarning",
-    "study_summary", "summary_text", "loss_summary", "cell_error_columns",
+    "study_summary", "summary_text", "loss_summary", "cell_error_columns", "invariant_diagnostics", "truth_columns",
 ]

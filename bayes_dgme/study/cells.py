@@ -31,7 +31,8 @@ from ..fitfile import json_safe
 from ..scenario import Scenario
 from .records import ESTIMATOR_CODES, ESTIMATORS, cell_key
 
-__all__ = ["CellTask", "cell_seeds", "run_cell", "loss_summary", "cell_error_columns", "FITTERS"]
+__all__ = ["CellTask", "cell_seeds", "run_cell", "loss_summary", "cell_error_columns", "truth_columns",
+           "invariant_diagnostics", "INVARIANT_QUANTITIES", "FITTERS"]
 
 
 def cell_seeds(seed: int, n: int, replicate: int, estimator: str) -> tuple[np.random.SeedSequence, int]:
@@ -96,6 +97,7 @@ def run_cell(task: CellTask) -> dict[str, Any]:
         "scenario": scenario.name, "loss_kind": scenario.loss_kind, "fit_kind": scenario.fit_kind,
         "k": scenario.k, "gating": scenario.gating, "n": task.n, "replicate": task.replicate,
         "estimator": task.estimator, "seed": task.seed, "fit_seed": fit_seed, "status": "ok", "error": None,
+        **truth_columns(scenario.truth),
     }
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -114,6 +116,46 @@ def run_cell(task: CellTask) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------- scores
+def truth_columns(truth) -> dict[str, Any]:
+    """What a record keeps of the truth it is scored against: ``lam_true`` (λ*) and ``k_true`` (k*).
+
+    The rate tables read λ* from here (λ* = 0: no rate theory applies); ``k_true`` beside ``k`` says
+    whether the fit is exact (``k == k_true``) or over-fitted without reading the study spec.
+    """
+    if truth is None:
+        return {"lam_true": None, "k_true": None}
+    return {"lam_true": float(truth.lam), "k_true": int(truth.k)}
+
+
+#: Label-invariant quantities of `bayes_dgme.diagnostics.check` kept per posterior cell, by column suffix.
+INVARIANT_QUANTITIES = {"lam": "lam", "loss": "voronoi_loss", "loglik": "loglik"}
+
+
+def invariant_diagnostics(table) -> dict[str, float | None]:
+    """R-hat, bulk and tail ESS of each label-invariant quantity of a posterior fit, as record columns.
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        `bayes_dgme.diagnostics.check` of the fit (computed with the truth, so that it holds the
+        per-draw Voronoi loss).
+
+    Returns
+    -------
+    dict
+        ``rhat_{q}``, ``ess_bulk_{q}``, ``ess_tail_{q}`` for ``q`` in ``lam`` (λ), ``loss`` (the per-draw
+        Voronoi loss) and ``loglik`` (total log-likelihood of the data); None where the table has no
+        such row or the value is undefined (R-hat of one chain).
+    """
+    out: dict[str, float | None] = {}
+    for suffix, quantity in INVARIANT_QUANTITIES.items():
+        rows = table[(table["quantity"] == quantity) & (table["kind"] == "label-invariant")]
+        for stat in ("rhat", "ess_bulk", "ess_tail"):
+            v = float(rows[stat].iloc[0]) if len(rows) else math.nan
+            out[f"{stat}_{suffix}"] = v if math.isfinite(v) else None
+    return out
+
+
 def loss_summary(est, truth, posterior: bool) -> dict[str, float]:
     """Every loss of `LOSSES` of ``est`` against ``truth``.
 
@@ -265,6 +307,7 @@ def _fit_posterior(task: CellTask, X: np.ndarray, Y: np.ndarray, fit_seed: int) 
     t1 = time.perf_counter()
     out = _scores(params_from_posterior(fit.tree), truth, posterior=True)
     out.update(summary(fit.tree, truth, table=fit.diagnostics))
+    out.update(invariant_diagnostics(fit.diagnostics))
     out.update({"draws": task.draws, "tune": task.tune, "chains": task.chains, "sampler": task.sampler})
     out["init"] = "em" if fit.start is not None else "model"
     t = fit.timings

@@ -64,9 +64,10 @@ def cell_key(n: int, replicate: int, estimator: str) -> str:
 
 # ---------------------------------------------------------------------------------------- frame
 _COLUMN_ORDER = (
-    "scenario", "loss_kind", "fit_kind", "k", "gating", "n", "replicate", "estimator", "status",
+    "scenario", "loss_kind", "fit_kind", "k", "k_true", "lam_true", "gating", "n", "replicate", "estimator", "status",
     *LOSS_STATISTICS, "voronoi_sd", "wasserstein_sd", "lam_err", "mass_min",
     "loglik", "n_iter", "converged", "rhat_max", "ess_bulk_min", "ess_tail_min", "divergences",
+    *(f"{s}_{q}" for q in ("loss", "lam", "loglik") for s in ("rhat", "ess_bulk", "ess_tail")),
     "draws", "tune", "chains", "sampler", "init", "seed", "fit_seed", "error", "warnings",
 )
 _TEXT_COLUMNS = ("error", "warnings")
