@@ -104,7 +104,7 @@ def contraction_plot(df: pd.DataFrame, path: str | os.PathLike | None = None, ti
         Default: the scenario name, its loss (D1/D2) and whether it is exact- or over-fitted.
     rates : DataFrame, optional
         `bayes_dgme.contraction_rates` of ``df``, to print the fitted slopes in the legend;
-        computed (with a small bootstrap) when not given.
+        computed (OLS on the per-size means, `bayes_dgme.rates`) when not given.
     ax : matplotlib Axes, optional
         Draw into this axes instead of a new figure.
     band : (float, float)
@@ -118,7 +118,7 @@ def contraction_plot(df: pd.DataFrame, path: str | os.PathLike | None = None, ti
     if rates is None:
         from ..rates import contraction_rates
 
-        rates = contraction_rates(df, per_cell=False, n_boot=500)
+        rates = contraction_rates(df, per_cell=False)
     if ax is None:
         fig, axes = _figure((7.2, 5.0))
         ax = axes[0, 0]
@@ -249,7 +249,7 @@ def parameter_error_plot(df: pd.DataFrame, estimator: str = "posterior", path: s
                       if any(c.startswith(f"{p}_err_") for c in sub.columns)]
     if not parameters:
         raise ValueError("df: no per-atom error columns (slope_err_j, ...) in the records")
-    rates = parameter_rates(sub, n_boot=300)
+    rates = parameter_rates(sub)
     labels = sorted({int(c.rsplit("_", 1)[-1]) for c in sub.columns
                      if c.startswith("slope_err_") and c.rsplit("_", 1)[-1].isdigit()})
     ns = np.sort(sub["n"].unique()).astype(float)
@@ -306,7 +306,7 @@ def _slope_text(theory: float) -> str:
 
 def rate_comparison_plot(rates: pd.DataFrame, path: str | os.PathLike | None = None, title: str | None = None,
                          group: str = "setting"):
-    """Measured slopes with their bootstrap intervals next to the theoretical slopes (forest plot).
+    """Measured slopes with their 95% intervals (`bayes_dgme.rates`) next to the theoretical slopes (forest plot).
 
     Parameters
     ----------
@@ -342,7 +342,7 @@ def rate_comparison_plot(rates: pd.DataFrame, path: str | os.PathLike | None = N
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=8)
     ax.axvline(-0.5, color="grey", lw=0.8, ls=":")
-    ax.set_xlabel("slope of log loss on log n (bar: bootstrap interval, |: theory)")
+    ax.set_xlabel("slope of log loss on log n (bar: 95% interval, |: theory)")
     ax.grid(True, axis="x", alpha=0.3)
     ax.set_title(title or "measured vs theoretical rates", fontsize=11)
     save(fig, path)
