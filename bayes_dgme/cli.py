@@ -596,7 +596,7 @@ def _compare_console_table(frame) -> str:
                       num(r.max_rhat, 3), str(r.divergences), num(r.bic), num(r.icl))
     buf = io.StringIO()
     Console(file=buf, width=140, color_system=None, highlight=False).print(table)
-    return buf.getvalue().rstrip("\n")
+    return "\n".join(line.rstrip() for line in buf.getvalue().rstrip("\n").split("\n"))
 
 
 def cmd_compare(args) -> int:
