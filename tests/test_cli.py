@@ -159,8 +159,10 @@ def test_fit_then_report(data_csv, workdir):
     page = html.read_text(encoding="utf-8")
     for sid in FIT_SECTIONS:
         assert f'<section id="{sid}">' in page
-    assert page.count("data:image/png;base64,") >= 7
+    assert page.count("data:image/png;base64,") >= 8
     assert "slopes[0, dose]" in page
+    # which rows deviated: computed from the fit file alone (bd.responsibilities on the CLI fit), response named
+    assert 'id="responsibility-table"' in page and "<th>dose</th><th>resp</th>" in page
 
 
 def test_study_em_and_report(workdir):

@@ -64,7 +64,7 @@ def test_compare_k_prefers_the_true_k_by_a_clear_margin(fitted):
     diag = cmp.diagnostics
     assert (diag["k_good"] + diag["k_bad"] + diag["k_very_bad"] == 200).all()
     assert "log_likelihood" in cmp.trees[2].children
-    assert "k=1" in str(cmp) and "elpd" in str(cmp)
+    assert "best k by elpd_loo: 2" in str(cmp) and "elpd_loo" in str(cmp)
 
 
 @pytest.mark.slow

@@ -373,17 +373,18 @@ def softmax_posterior(n: int = 120, draws: int = 40, seed: int = 3):
 
 def test_responsibility_section_softmax_two_named_covariates_without_truth(tmp_path):
     tree, X, Y, labels = softmax_posterior()
-    page = report.fit_report(fitfile.write_fit(tmp_path / "sm.nc", tree, X=X, Y=Y))
+    meta = {"data": {"source": "synthetic.csv", "x": ["age", "dose"], "y": "score"}}  # as `bayes-dgme fit` stores it
+    page = report.fit_report(fitfile.write_fit(tmp_path / "sm.nc", tree, X=X, Y=Y, metadata=meta))
     sec = section_of(page, "responsibilities")
     header, rows = table_rows(sec, "responsibility-table")
-    assert header[:4] == ["row", "age", "dose", "y"] and "true source" not in header
+    assert header[:4] == ["row", "age", "dose", "score"] and "true source" not in header
     dev = 1.0 - bd.responsibilities(tree).sel(source="g0").to_numpy()
     listed = [int(row[0]) - 1 for row in rows]
     assert sorted(dev[listed]) == pytest.approx(sorted(np.sort(dev)[-len(listed):]))
     for row, i in zip(rows, listed):
         assert float(row[1]) == pytest.approx(X[i, 0], rel=1e-3) and float(row[2]) == pytest.approx(X[i, 1], rel=1e-3)
     assert "rows simulated from g0" not in sec  # no labels, no truth: nothing claimed about them
-    assert list(embedded_csv(sec).columns[:4]) == ["row", "age", "dose", "y"]
+    assert list(embedded_csv(sec).columns[:4]) == ["row", "age", "dose", "score"]
     # these synthetic sources are far apart (intercepts ±3 vs g0 at 0, sd <= 0.7): the rows drawn from the
     # experts are flagged, the rows drawn from g0 are not, apart from a few near the crossings of the lines
     flagged = dev > 0.5

@@ -39,7 +39,7 @@ def _as_matrix(resp) -> tuple[np.ndarray, list[str]]:
 
 def responsibility_figure(X: np.ndarray, Y: np.ndarray, resp, *, covariates: Sequence[str] | None = None,
                           labels: np.ndarray | None = None, known=None, threshold: float = 0.5,
-                          match: np.ndarray | None = None):
+                          match: np.ndarray | None = None, response: str = "y"):
     """The data against the first covariate, coloured by ``P(deviated) = 1 − P(g0)`` and by the most likely source.
 
     Parameters
@@ -61,6 +61,8 @@ def responsibility_figure(X: np.ndarray, Y: np.ndarray, resp, *, covariates: Seq
     match : ndarray of int, optional
         ``match[i]`` = the true expert fitted expert ``i`` is matched to (``-1``: none;
         `bayes_dgme.posterior.match_experts`): fitted experts take the colour of their true expert.
+    response : str, default "y"
+        Name of the response (the y-axis label).
 
     Returns
     -------
@@ -110,7 +112,7 @@ def responsibility_figure(X: np.ndarray, Y: np.ndarray, resp, *, covariates: Seq
     cb.ax.axhline(threshold, color="black", lw=0.8, ls=":")
     ax1.set_title(f"P(deviated) of each row: {int(flagged.sum())} of {n} above {threshold:g}")
     ax1.set_xlabel(xlabel)
-    ax1.set_ylabel("y")
+    ax1.set_ylabel(response)
     _style(ax1)
 
     # 2. most likely source
@@ -128,7 +130,7 @@ def responsibility_figure(X: np.ndarray, Y: np.ndarray, resp, *, covariates: Seq
     ax2.legend(handles=handles, fontsize=8, title="most likely source", title_fontsize=8, loc="best", frameon=False)
     ax2.set_title("Most likely source of each row")
     ax2.set_xlabel(xlabel)
-    ax2.set_ylabel("y")
+    ax2.set_ylabel(response)
     _style(ax2)
 
     # 3. truth beside the estimate (simulated data), or the distribution of P(deviated)

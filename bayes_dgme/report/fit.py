@@ -367,7 +367,7 @@ def _csv_link(ff: FitFile, values, names) -> str:
                     "<code>bayes_dgme.responsibilities(arviz.from_netcdf(FIT))</code>.")
     cols = {"row": np.arange(1, n + 1)}
     cols.update({name: ff.X[:, j] for j, name in enumerate(ff.covariates)})
-    cols["y"] = ff.Y
+    cols[_response_name(ff)] = ff.Y
     cols["P_deviated"] = 1.0 - values[:, 0]
     cols.update({f"P_{name.replace(' ', '_')}": values[:, j] for j, name in enumerate(names)})
     if ff.labels is not None:
@@ -376,8 +376,9 @@ def _csv_link(ff: FitFile, values, names) -> str:
     pd.DataFrame(cols).to_csv(buf, index=False, float_format="%.6g")
     b64 = base64.b64encode(buf.getvalue().encode("utf-8")).decode("ascii")
     return (f'<p class="note"><a download="responsibilities.csv" href="data:text/csv;base64,{b64}">'
-            f"Download all {n} rows (CSV)</a>: columns row, the covariates, y, P_deviated, P_g0 and P of each "
-            "expert" + (", and the true source of each simulated row" if ff.labels is not None else "") + ".</p>")
+            f"Download all {n} rows (CSV)</a>: columns row, the covariates, the response, P_deviated, P_g0 and "
+            "P of each expert"
+            + (", and the true source of each simulated row" if ff.labels is not None else "") + ".</p>")
 
 
 def _responsibility_section(ff: FitFile) -> str:
@@ -419,10 +420,11 @@ def _responsibility_section(ff: FitFile) -> str:
         kv.append(("fitted experts matched to the true ones", ", ".join(
             f"{names[i + 1]} ≙ " + (f"true expert {j}" if j >= 0 else "none") for i, j in enumerate(match))))
     fig = figure_img(responsibility_figure(ff.X, ff.Y, resp, covariates=ff.covariates, labels=ff.labels,
-                                           known=_known_of(ff), threshold=DEVIATED_AT, match=match),
+                                           known=_known_of(ff), threshold=DEVIATED_AT, match=match,
+                                           response=_response_name(ff)),
                      "responsibilities")
     top = np.argsort(values[:, 0], kind="stable")[:min(TOP_ROWS, n)]  # smallest P(g0) = largest P(deviated)
-    header = ["row", *ff.covariates, "y", "P(deviated)", "P(g0)", "most likely expert"] + \
+    header = ["row", *ff.covariates, _response_name(ff), "P(deviated)", "P(g0)", "most likely expert"] + \
         (["true source"] if ff.labels is not None else [])
     rows = []
     for i in top:
@@ -442,6 +444,14 @@ def _responsibility_section(ff: FitFile) -> str:
             + f"<h3>The {len(top)} rows most likely to have deviated (highest 1 − P(g0))</h3>"
             + table(header, rows, table_id="responsibility-table") + _csv_link(ff, values, names))
     return section("responsibilities", title, body)
+
+
+def _response_name(ff: FitFile) -> str:
+    """The response column's name when the data came from a file with named columns, else ``"y"``."""
+    data = ff.meta.get("data") if isinstance(ff.meta, dict) else None
+    name = data.get("y") if isinstance(data, dict) else None
+    name = str(name) if name else "y"
+    return name if name not in ff.covariates and name not in ("row", "P_deviated") else "y"
 
 
 def _has_log_g0(tree) -> bool:
