@@ -30,7 +30,7 @@ The other 100 trials are analysed:
 
 Usage::
 
-    .venv/bin/python analyses/real_data.py            # ~10 minutes on 2 cores
+    .venv/bin/python analyses/real_data.py            # ~5 minutes on 2 cores
     .venv/bin/python analyses/real_data.py --quick    # smoke run (few draws, k = 1..2, B = 19)
 """
 
