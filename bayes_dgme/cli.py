@@ -582,18 +582,21 @@ def _compare_console_table(frame) -> str:
     from rich.console import Console
     from rich.table import Table
 
+    from .diagnostics import RHAT_MAX
+
     def num(v: float, digits: int = 2) -> str:
         return f"{v:.{digits}f}" if np.isfinite(v) else "—"
 
-    table = Table(title="PSIS-LOO (higher elpd_loo is better) and EM's BIC/ICL (lower is better)",
-                  title_justify="left")
-    for name in ("k", "elpd_loo ± se", "elpd_diff ± dse", "p_loo", "weight", "Pareto k > good_k", "max R-hat",
-                 "divergences", "BIC", "ICL"):
+    table = Table(title="PSIS-LOO (higher elpd_loo is better) and EM's BIC/ICL (lower is better); convergence: "
+                        f"R-hat of λ and the log-likelihood ≤ {RHAT_MAX}", title_justify="left")
+    for name in ("k", "elpd_loo ± se", "elpd_diff ± dse", "p_loo", "weight", "Pareto k > good_k",
+                 "R-hat λ, loglik", "R-hat experts", "divergences", "BIC", "ICL"):
         table.add_column(name, justify="right")
     for r in frame.itertuples():
         table.add_row(str(r.k), f"{num(r.elpd_loo)} ± {num(r.se)}", f"{num(r.elpd_diff)} ± {num(r.dse)}",
                       num(r.p_loo), num(r.weight), f"{r.k_bad + r.k_very_bad} (> 1: {r.k_very_bad})",
-                      num(r.max_rhat, 3), str(r.divergences), num(r.bic), num(r.icl))
+                      num(r.rhat_invariant, 3), num(r.rhat_experts, 3), str(r.divergences), num(r.bic),
+                      num(r.icl))
     buf = io.StringIO()
     Console(file=buf, width=140, color_system=None, highlight=False).print(table)
     return "\n".join(line.rstrip() for line in buf.getvalue().rstrip("\n").split("\n"))

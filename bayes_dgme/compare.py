@@ -21,15 +21,20 @@ import numpy as np
 import pandas as pd
 
 from .data import check_data
+from .diagnostics import RHAT_MAX
 from .known import KnownFunction
 from .params import GATINGS
 from .validation import check_int
 
-__all__ = ["KComparison", "compare_k", "COLUMNS"]
+__all__ = ["KComparison", "compare_k", "COLUMNS", "EM_RESTARTS"]
 
 #: Columns of `KComparison.to_frame`, in order (one row per ``k``, increasing ``k``).
 COLUMNS = ("k", "rank", "elpd_loo", "se", "p_loo", "elpd_diff", "dse", "weight", "k_good", "k_bad",
-           "k_very_bad", "good_k", "max_rhat", "divergences", "em_loglik", "bic", "icl", "seconds")
+           "k_very_bad", "good_k", "rhat_invariant", "rhat_experts", "divergences", "em_loglik", "bic", "icl",
+           "seconds")
+
+#: EM restarts of the fit behind BIC and ICL (more than the chains' start needs: BIC wants the MLE).
+EM_RESTARTS = 10
 
 
 @dataclass
@@ -49,11 +54,13 @@ class KComparison:
     diagnostics : pandas.DataFrame
         Per ``k``: Pareto-k counts ``k_good`` (≤ the sample-size-dependent threshold ``good_k``),
         ``k_bad`` (between it and 1) and ``k_very_bad`` (> 1), ``good_k``, ArviZ's ``warning`` flag,
-        the largest R-hat of the model variables, the number of divergences, the seconds the fit took,
-        and the EM fit's ``em_loglik``, ``bic`` and ``icl`` (NaN when EM failed).
+        the largest R-hat of the label-invariant quantities (λ and the log-likelihood of the data:
+        ``rhat_invariant``, the convergence check) and of the expert parameters (``rhat_experts``,
+        large also when chains merely label the experts differently), the number of divergences, the
+        seconds the fit took, and the EM fit's ``em_loglik``, ``bic`` and ``icl`` (NaN when EM failed).
     messages : list of str
-        Warnings raised while computing LOO, one line per ``k`` whose estimate is unreliable, and
-        EM failures.
+        Warnings raised while computing LOO, one line per ``k`` whose estimate is unreliable (Pareto
+        k, label-invariant R-hat, divergences), label switches between chains, and EM failures.
     em : dict
         ``{k: FitResult}``: the maximum likelihood fit of every ``k`` (`bayes_dgme.fit_em`), the source
         of BIC and ICL; a ``k`` whose EM fit failed is missing.
@@ -96,7 +103,8 @@ class KComparison:
                          "p_loo": float(r["p"]), "elpd_diff": float(r["elpd_diff"]), "dse": float(r["dse"]),
                          "weight": float(r["weight"]), "k_good": int(g["k_good"]), "k_bad": int(g["k_bad"]),
                          "k_very_bad": int(g["k_very_bad"]), "good_k": float(g["good_k"]),
-                         "max_rhat": float(g["max_rhat"]), "divergences": int(g["divergences"]),
+                         "rhat_invariant": float(g["rhat_invariant"]), "rhat_experts": float(g["rhat_experts"]),
+                         "divergences": int(g["divergences"]),
                          "em_loglik": float(g["em_loglik"]), "bic": float(g["bic"]), "icl": float(g["icl"]),
                          "seconds": float(g["seconds"])})
         return pd.DataFrame(rows, columns=list(COLUMNS))
@@ -111,8 +119,8 @@ class KComparison:
                           "best_k_icl": self.best_k_by("icl"), "messages": list(self.messages)})
 
     def __str__(self) -> str:
-        cols = ["k", "elpd_loo", "se", "elpd_diff", "dse", "p_loo", "weight", "k_bad", "k_very_bad", "max_rhat",
-                "bic", "icl"]
+        cols = ["k", "elpd_loo", "se", "elpd_diff", "dse", "p_loo", "weight", "k_bad", "k_very_bad",
+                "rhat_invariant", "rhat_experts", "bic", "icl"]
         body = self.to_frame()[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}")
         lines = [f"PSIS-LOO comparison of k = {sorted(self.loo)} (elpd_loo: higher is better; BIC/ICL of the EM "
                  "fits: lower is better)", body,
@@ -122,22 +130,13 @@ class KComparison:
         return "\n".join(lines)
 
 
-def _max_rhat(tree) -> float:
-    import arviz as az
-
-    names = [v for v in ("lam", "weights", "gate_intercepts", "gate_slopes", "slopes", "intercepts", "variances")
-             if v in tree["posterior"].data_vars]
-    if tree["posterior"].sizes.get("chain", 1) < 2:
-        return float("nan")
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
-        # constant draws (the weight of a single expert) have no R-hat: NaN, left out
-        warnings.simplefilter("ignore", RuntimeWarning)
-        r = az.rhat(tree, var_names=names)
-    values = np.concatenate([np.ravel(r[v].to_numpy()) for v in r.data_vars])
-    return float(np.nanmax(values)) if np.isfinite(values).any() else float("nan")
+def _max_rhat(diagnostics, kind: str) -> float:
+    """Largest R-hat of one kind of quantity in a `bayes_dgme.diagnostics.check` table (NaN: one chain)."""
+    values = diagnostics.loc[diagnostics["kind"] == kind, "rhat"].astype(float)
+    return float(values.max()) if values.notna().any() else float("nan")
 
 
-def _em_fit(X, Y, log_g0, k: int, gating: str, priors, seed: int):
+def _em_fit(X, Y, log_g0, k: int, gating: str, priors, seed: int, restarts: int):
     """The EM fit of ``k`` experts (BIC and ICL), or ``(None, message)`` when EM fails."""
     from .em import fit_em
 
@@ -148,7 +147,8 @@ def _em_fit(X, Y, log_g0, k: int, gating: str, priors, seed: int):
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
-            return fit_em(X, Y, None, k, gating=gating, seed=seed, log_g0=log_g0, **kwargs), None
+            return fit_em(X, Y, None, k, gating=gating, seed=seed, log_g0=log_g0, restarts=restarts,
+                          **kwargs), None
     except (ValueError, ArithmeticError, np.linalg.LinAlgError) as err:
         return None, f"k={k}: EM failed, no BIC/ICL ({' '.join(str(err).split())})"
 
@@ -157,7 +157,7 @@ def compare_k(X, Y, known: KnownFunction, k_max: int = 3, ks: Sequence[int] | No
               gating: str = "constant", priors=None, draws: int = 500, tune: int = 500, chains: int = 2,
               seed=None, sampler: str = "nutpie", progressbar: bool = False, *, init: str | None = "em",
               target_accept: float = 0.9, covariates: Sequence[str] | None = None,
-              log: Callable[[str], None] | None = None) -> KComparison:
+              em_restarts: int = EM_RESTARTS, log: Callable[[str], None] | None = None) -> KComparison:
     """Fit ``k = 1..k_max`` experts and compare the posteriors by PSIS-LOO (and the EM fits by BIC/ICL).
 
     Parameters
@@ -182,6 +182,8 @@ def compare_k(X, Y, known: KnownFunction, k_max: int = 3, ks: Sequence[int] | No
         The sampler's progress bar.
     covariates : sequence of str, optional
         Names of the covariates (default: a DataFrame's columns).
+    em_restarts : int, default `EM_RESTARTS`
+        Restarts of the EM fit behind BIC and ICL (BIC is that of the best EM fit found).
     log : callable, optional
         Called with one line of text before and after each fit (progress of a long run).
 
@@ -206,7 +208,13 @@ def compare_k(X, Y, known: KnownFunction, k_max: int = 3, ks: Sequence[int] | No
 
     BIC ``= −2ℓ̂ + p log n`` and ICL ``= BIC + 2·entropy`` (of the responsibilities at the MLE over g0 and
     the experts) come from `bayes_dgme.fit_em` on the same data (lower is better). They need no
-    sampling; ICL also penalises sources that overlap (rows that cannot be assigned clearly).
+    sampling; ICL also penalises sources that overlap (rows that cannot be assigned clearly). EM can find
+    a different (local) maximum from another seed, most often for surplus experts that fit a few rows:
+    compare BIC across seeds or with more ``em_restarts`` before relying on a small difference.
+
+    Convergence is judged on the label-invariant quantities (`bayes_dgme.diagnostics`): the expert
+    parameters' R-hat also fails when chains label the experts differently, which leaves ``elpd_loo``
+    (a function of the likelihood) unchanged.
     """
     import arviz as az
 
@@ -227,6 +235,7 @@ def compare_k(X, Y, known: KnownFunction, k_max: int = 3, ks: Sequence[int] | No
         raise ValueError(f"ks: need at least two values of k to compare, got {ks}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0):
         raise ValueError(f"seed: expected a non-negative int or None, got {seed!r}")
+    em_restarts = check_int("em_restarts", em_restarts, 0)
     say = log if log is not None else (lambda _msg: None)
     root = np.random.SeedSequence(seed).entropy if seed is None else int(seed)
     log_g0 = np.asarray(log_density(known, Y, X), dtype=float)
@@ -237,7 +246,7 @@ def compare_k(X, Y, known: KnownFunction, k_max: int = 3, ks: Sequence[int] | No
         k_seed = int(np.random.SeedSequence([root, k]).generate_state(1)[0])
         say(f"[{i}/{len(ks)}] k = {k}: EM fit (BIC/ICL), then the posterior ({chains} chain(s) × {draws} draws, "
             f"+{tune} tuning) ...")
-        em, em_msg = _em_fit(X, Y, log_g0, k, gating, priors, k_seed)
+        em, em_msg = _em_fit(X, Y, log_g0, k, gating, priors, k_seed, em_restarts)
         if em_msg:
             messages.append(em_msg)
         fit = fit_posterior(X, Y, known, k, gating=gating, priors=priors, draws=draws, tune=tune, chains=chains,
@@ -259,9 +268,21 @@ def compare_k(X, Y, known: KnownFunction, k_max: int = 3, ks: Sequence[int] | No
         div = tree["sample_stats"]["diverging"] if "sample_stats" in tree.children and \
             "diverging" in tree["sample_stats"].data_vars else None
         seconds = time.perf_counter() - t0
+        rhat_inv = _max_rhat(fit.diagnostics, "label-invariant")
+        rhat_exp = _max_rhat(fit.diagnostics, "label-dependent")
+        n_div = int(div.sum()) if div is not None else 0
+        if rhat_inv > RHAT_MAX:
+            messages.append(f"k={k}: R-hat of λ or of the log-likelihood {rhat_inv:.3f} > {RHAT_MAX}: the chains "
+                            "disagree, elpd_loo of this k is not reliable (more tuning or draws)")
+        elif rhat_exp > RHAT_MAX:
+            messages.append(f"k={k}: R-hat of the expert parameters {rhat_exp:.3f} > {RHAT_MAX} while λ and the "
+                            "log-likelihood agree: most likely the chains label the experts differently "
+                            "(harmless for elpd_loo)")
+        if n_div:
+            messages.append(f"k={k}: {n_div} divergent transition(s)")
         row = {"k": k, "k_good": int((pk <= good_k).sum()), "k_bad": bad, "k_very_bad": very_bad,
-               "good_k": good_k, "warning": bool(res.warning), "max_rhat": _max_rhat(tree),
-               "divergences": int(div.sum()) if div is not None else 0,
+               "good_k": good_k, "warning": bool(res.warning), "rhat_invariant": rhat_inv,
+               "rhat_experts": rhat_exp, "divergences": n_div,
                "em_loglik": float(em.loglik) if em is not None else float("nan"),
                "bic": float(em.bic) if em is not None else float("nan"),
                "icl": float(em.icl) if em is not None else float("nan"), "seconds": seconds}
@@ -270,7 +291,8 @@ def compare_k(X, Y, known: KnownFunction, k_max: int = 3, ks: Sequence[int] | No
         if em is not None:
             ems[k] = em
         say(f"      k = {k}: elpd_loo {float(res.elpd):.2f} ± {float(res.se):.2f}, p_loo {float(res.p):.2f}, "
-            f"Pareto k > {good_k:.2f}: {bad + very_bad} row(s), max R-hat {row['max_rhat']:.3f}, "
+            f"Pareto k > {good_k:.2f}: {bad + very_bad} row(s), R-hat {rhat_inv:.3f} (λ, log-likelihood) / "
+            f"{rhat_exp:.3f} (experts), "
             f"{row['divergences']} divergence(s); BIC {row['bic']:.2f}; {seconds:.0f} s")
     diagnostics = pd.DataFrame(rows).set_index("k")
     with warnings.catch_warnings(record=True) as caught:

@@ -126,6 +126,15 @@ def test_compare_k_bic_icl_from_em_and_the_flat_table(fitted):
         row = cmp.table.loc[f"k={r.k}"]
         assert (r.elpd_loo, r.se, r.p_loo, r.elpd_diff) == pytest.approx(
             (row["elpd"], row["se"], row["p"], row["elpd_diff"]))
+    # convergence columns: the label-invariant and label-dependent rows of bayes_dgme.diagnostics.check
+    from bayes_dgme.diagnostics import check
+
+    for k in (1, 2):
+        table = check(cmp.trees[k])
+        for kind, col in (("label-invariant", "rhat_invariant"), ("label-dependent", "rhat_experts")):
+            expected = table.loc[table["kind"] == kind, "rhat"].astype(float).max()
+            assert frame.set_index("k").loc[k, col] == pytest.approx(expected, rel=1e-9)
+    assert frame["rhat_invariant"].max() < 1.05  # well-separated sources, both fits started from EM
     rec = cmp.to_dict()
     assert rec["best_k"] == 2 and rec["best_k_bic"] == 2 and len(rec["rows"]) == 2
     assert sum(line.startswith("[") for line in cmp.log_lines) == 2  # one progress line before each fit
