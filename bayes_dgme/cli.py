@@ -598,7 +598,7 @@ def _compare_console_table(frame) -> str:
                       num(r.rhat_invariant, 3), num(r.rhat_experts, 3), str(r.divergences), num(r.bic),
                       num(r.icl))
     buf = io.StringIO()
-    Console(file=buf, width=140, color_system=None, highlight=False).print(table)
+    Console(file=buf, width=200, color_system=None, highlight=False).print(table)
     return "\n".join(line.rstrip() for line in buf.getvalue().rstrip("\n").split("\n"))
 
 

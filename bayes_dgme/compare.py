@@ -274,6 +274,9 @@ def compare_k(X, Y, known: KnownFunction, k_max: int = 3, ks: Sequence[int] | No
         if rhat_inv > RHAT_MAX:
             messages.append(f"k={k}: R-hat of λ or of the log-likelihood {rhat_inv:.3f} > {RHAT_MAX}: the chains "
                             "disagree, elpd_loo of this k is not reliable (more tuning or draws)")
+        elif rhat_exp > RHAT_MAX and k == 1:
+            messages.append(f"k={k}: R-hat of the expert's parameters {rhat_exp:.3f} > {RHAT_MAX} (one expert, no "
+                            "labels to switch: the chains have not quite converged on it; more draws)")
         elif rhat_exp > RHAT_MAX:
             messages.append(f"k={k}: R-hat of the expert parameters {rhat_exp:.3f} > {RHAT_MAX} while λ and the "
                             "log-likelihood agree: most likely the chains label the experts differently "
