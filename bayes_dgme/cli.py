@@ -10,6 +10,7 @@ Commands (``bayes-dgme COMMAND --help`` for each)::
                         [--cluster local|tcp://HOST:PORT] [--workers W]
     bayes-dgme report   PATH --out report.html        (PATH: a fit.nc or a study folder)
     bayes-dgme test     SPEC [--data FILE | --n N] --boot B    (H0: λ = 0, the deviation test)
+    bayes-dgme compare  SPEC [--data FILE --x COL,... --y COL | --n N] --k-max K [--out DIR]   (choose k)
     bayes-dgme demo     [--out DIR]
     bayes-dgme --version
 
@@ -584,6 +585,76 @@ def cmd_test(args) -> int:
     return 0
 
 
+def _compare_console_table(frame) -> str:
+    """The per-k table of ``bayes-dgme compare`` as text (a rich table, no colour codes)."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .diagnostics import RHAT_MAX
+
+    def num(v: float, digits: int = 2) -> str:
+        return f"{v:.{digits}f}" if np.isfinite(v) else "—"
+
+    table = Table(title="PSIS-LOO (higher elpd_loo is better) and EM's BIC/ICL (lower is better); convergence: "
+                        f"R-hat of λ and the log-likelihood ≤ {RHAT_MAX}", title_justify="left")
+    for name in ("k", "elpd_loo ± se", "elpd_diff ± dse", "p_loo", "weight", "Pareto k > good_k",
+                 "R-hat λ, loglik", "R-hat experts", "divergences", "BIC", "ICL"):
+        table.add_column(name, justify="right")
+    for r in frame.itertuples():
+        table.add_row(str(r.k), f"{num(r.elpd_loo)} ± {num(r.se)}", f"{num(r.elpd_diff)} ± {num(r.dse)}",
+                      num(r.p_loo), num(r.weight), f"{r.k_bad + r.k_very_bad} (> 1: {r.k_very_bad})",
+                      num(r.rhat_invariant, 3), num(r.rhat_experts, 3), str(r.divergences), num(r.bic),
+                      num(r.icl))
+    buf = io.StringIO()
+    Console(file=buf, width=200, color_system=None, highlight=False).print(table)
+    return "\n".join(line.rstrip() for line in buf.getvalue().rstrip("\n").split("\n"))
+
+
+def cmd_compare(args) -> int:
+    """Fit k = 1..K experts and compare them by PSIS-LOO and BIC/ICL (``bayes-dgme compare``)."""
+    from .compare import compare_k
+    from .fitfile import atomic_output
+
+    scenario = _scenario(args.scenario)
+    ks = args.ks if args.ks is not None else list(range(1, args.k_max + 1))
+    if len(set(ks)) < 2:
+        raise ValueError(f"--ks: need at least two values of k to compare, got {','.join(map(str, ks))}")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out: {args.out!r} exists and is not a folder")
+        for name in ("compare.csv", "compare.json"):
+            _out_path(out / name)
+    X, Y, _labels, data_info, names = _get_data(args, scenario)
+    settings = _sampler_settings(args, scenario)
+    _say(f"choosing k for {scenario.name}: n = {Y.size} rows ({data_info['source']}), covariates "
+         f"{', '.join(names)}, k = {', '.join(map(str, sorted(set(ks))))} ({scenario.gating} gating; the spec's "
+         f"k = {scenario.k} is not used); {settings['chains']} chain(s) × {settings['draws']} draws per k")
+    cmp = compare_k(X, Y, _known(scenario), ks=ks, gating=scenario.gating, priors=scenario.priors,
+                    draws=settings["draws"], tune=settings["tune"], chains=settings["chains"], seed=args.seed,
+                    sampler=settings["sampler"], progressbar=not args.quiet, init=args.init,
+                    target_accept=settings["target_accept"], covariates=names, log=_say)
+    frame = cmp.to_frame()
+    _say("")
+    _say(_compare_console_table(frame))
+    bic, icl = cmp.best_k_by("bic"), cmp.best_k_by("icl")
+    _say(f"best k by elpd_loo: {cmp.best_k}; smallest k within 2 dse of the best (preferred): "
+         f"{cmp.preferred_k(2.0)}; by BIC: {bic if bic is not None else 'n/a'}; by ICL: "
+         f"{icl if icl is not None else 'n/a'}")
+    for message in cmp.messages:
+        _say(f"note: {message}")
+    if out is not None:
+        with atomic_output(out / "compare.csv") as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.10g")
+        _write_json(out / "compare.json", {"scenario": scenario.name, "data": data_info, "gating": scenario.gating,
+                                           "sampler": {**settings, "seed": args.seed, "init": args.init},
+                                           **cmp.to_dict()})
+        _say(f"wrote {out / 'compare.csv'} and {out / 'compare.json'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """A posterior fit, a small study and both reports on the default scenario (``bayes-dgme demo``)."""
     from .deviation import deviation_test
@@ -780,6 +851,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="JSON", help="also write the result as JSON")
     quiet(p)
     p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("compare", help="choose the number of experts k: PSIS-LOO over k = 1..K, BIC/ICL",
+                       formatter_class=fmt,
+                       description="Fit the spec's model with k = 1..K experts (the spec's g0, gating and "
+                                   "priors; its own k is not used) on the\n"
+                                   "same data, through the same fitting path as `fit`, and compare them by PSIS-LOO "
+                                   "(elpd_loo with its\n"
+                                   "standard error, the difference to the best with its standard error dse, p_loo, "
+                                   "Pareto-k\ndiagnostics, R-hat, divergences) and by the BIC and ICL of the EM fits.",
+                       epilog="Prefer the smallest k whose elpd_loo is within about 2 dse of the best (LOO "
+                              "penalises surplus experts little). Rows with Pareto k above good_k make elpd_loo "
+                              "unreliable. With --out DIR: DIR/compare.csv (one row per k) and DIR/compare.json.")
+    scenario_arg(p)
+    data_args(p)
+    sampler_args(p)
+    p.add_argument("--k-max", type=_int_at_least(2, "positive (≥ 2)"), default=3, metavar="K",
+                   help="compare k = 1..K (default 3)")
+    p.add_argument("--ks", type=_int_list, default=None, metavar="K1,K2,...",
+                   help="the values of k to compare instead of 1..K, e.g. 2,3,4")
+    p.add_argument("--init", choices=["em", "model"], default="em",
+                   help="chain start: near an EM estimate (default) or the model's default point")
+    p.add_argument("--out", metavar="DIR", help="write DIR/compare.csv and DIR/compare.json")
+    quiet(p)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("demo", help="the tour: a fit, a small study and their reports", formatter_class=fmt,
                        description="A posterior fit with its report and a small contraction study (all three "

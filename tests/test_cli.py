@@ -23,7 +23,7 @@ from bayes_dgme.rates import RateWarning, fit_slope
 
 _SCRIPT = Path(sys.executable).with_name("bayes-dgme")
 BASE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "bayes_dgme.cli"]
-COMMANDS = ("simulate", "fit", "mle", "study", "report", "test", "demo")
+COMMANDS = ("simulate", "fit", "mle", "study", "report", "test", "compare", "demo")
 
 
 def run(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -145,13 +145,26 @@ def test_fit_then_report(data_csv, workdir):
     assert {"posterior_predictive", "log_likelihood"} <= set(fd.tree.children)
     assert fd.meta["deviation"]["n_boot"] == 3 and fd.meta["sampler"]["seed"] == 2**70
     assert fd.meta["start"]["lam"] is not None  # the EM start is stored for the report
+    # log_likelihood is stored by default: its values are log p(y_n | x_n, θ) of every draw (computed here
+    # independently from the draws and the spec's g0), and arviz.loo reads it over the 150 rows
+    import arviz as az
+
+    import bayes_dgme as bd
+
+    ll = fd.tree["log_likelihood"]["y"].transpose("chain", "draw", ...).to_numpy()
+    expected = bd.loglik_pointwise(bd.params_from_posterior(fd.tree), fd.X, fd.Y, known=fd.scenario.known)
+    np.testing.assert_allclose(ll, expected, rtol=1e-10, atol=1e-10)
+    loo = az.loo(fd.tree)
+    assert loo.n_data_points == 150 and np.isfinite(loo.elpd)
     proc = run("report", fit, "--out", html)
     assert proc.returncode == 0, proc.stderr
     page = html.read_text(encoding="utf-8")
     for sid in FIT_SECTIONS:
         assert f'<section id="{sid}">' in page
-    assert page.count("data:image/png;base64,") >= 7
+    assert page.count("data:image/png;base64,") >= 8
     assert "slopes[0, dose]" in page
+    # which rows deviated: computed from the fit file alone (bd.responsibilities on the CLI fit), response named
+    assert 'id="responsibility-table"' in page and "<th>dose</th><th>resp</th>" in page
 
 
 def test_study_em_and_report(workdir):
@@ -192,6 +205,62 @@ def test_deviation_test_command(data_csv, workdir):
     assert "Deviation test" in proc.stdout and "p-value" in proc.stdout
     rec = json.loads(out.read_text())
     assert rec["n_boot"] == 4 and rec["lr_statistic"] >= 0 and 0 < rec["p_value"] <= 1
+
+
+@pytest.mark.slow
+def test_compare_command_prints_and_writes_compare_k(data_csv, workdir, monkeypatch, capsys):
+    """`bayes-dgme compare` is `bd.compare_k` laid out: its CSV is `KComparison.to_frame()` of the very call the
+    command made (captured here), its JSON the same record, its printed table those numbers."""
+    import bayes_dgme.compare as compare_mod
+
+    captured = {}
+    original = compare_mod.compare_k
+
+    def spy(*args, **kwargs):
+        captured["result"] = original(*args, **kwargs)
+        captured["kwargs"] = kwargs
+        return captured["result"]
+
+    monkeypatch.setattr(compare_mod, "compare_k", spy)
+    named = workdir / "named_cmp.csv"
+    pd.read_csv(data_csv).rename(columns={"x1": "dose", "y": "resp"}).to_csv(named, index=False)
+    out = workdir / "cmp"
+    code = cli.main(["compare", "d1_exact", "--data", str(named), "--x", "dose", "--y", "resp", "--ks", "1,2",
+                     "--draws", "60", "--tune", "60", "--chains", "2", "--seed", "7", "--quiet", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    cmp = captured["result"]
+    assert captured["kwargs"]["ks"] == [1, 2] and captured["kwargs"]["covariates"] == ["dose"]
+    assert captured["kwargs"]["draws"] == 60 and captured["kwargs"]["seed"] == 7
+    frame = cmp.to_frame()
+    csv = pd.read_csv(out / "compare.csv")
+    assert list(csv.columns) == list(frame.columns)
+    pd.testing.assert_frame_equal(csv, frame, check_dtype=False, rtol=1e-9)
+    rec = json.loads((out / "compare.json").read_text())
+    assert rec["best_k"] == cmp.best_k and rec["preferred_k"] == cmp.preferred_k()
+    assert rec["best_k_bic"] == cmp.best_k_by("bic") and rec["data"]["x"] == ["dose"]
+    assert [r["k"] for r in rec["rows"]] == [1, 2]
+    # the covariate names reach the posteriors, and each row of the table carries its k's LOO and EM numbers
+    assert list(cmp.trees[2]["posterior"]["slopes"].coords["covariate"].values) == ["dose"]
+    for r in frame.itertuples():
+        loo = cmp.loo[r.k]
+        assert r.elpd_loo == pytest.approx(float(loo.elpd)) and r.se == pytest.approx(float(loo.se))
+        assert r.bic == pytest.approx(cmp.em[r.k].bic) and r.icl == pytest.approx(cmp.em[r.k].icl)
+        assert r.k_good + r.k_bad + r.k_very_bad == 150
+        line = next(ln for ln in printed.splitlines() if re.match(rf"│ {r.k} │", ln))
+        assert f"{r.elpd_loo:.2f} ± {r.se:.2f}" in line and f"{r.bic:.2f}" in line and f"{r.icl:.2f}" in line
+    assert "[1/2] k = 1" in printed and "[2/2] k = 2" in printed  # progress of the long run
+    assert f"best k by elpd_loo: {cmp.best_k}" in printed
+
+
+def test_compare_bad_input_is_one_line(workdir, data_csv):
+    assert_user_error(run("compare", "--k-max", 1), "--k-max")
+    assert_user_error(run("compare", "--ks", "3,3"), "--ks", "two values")
+    assert_user_error(run("compare", "--data", workdir / "nope.csv"), "nope.csv")
+    assert_user_error(run("compare", "--data", data_csv, "--x", "dose"), "missing column", "dose")
+    not_a_folder = workdir / "file_not_folder"
+    not_a_folder.write_text("x")
+    assert_user_error(run("compare", "--data", data_csv, "--out", not_a_folder), "--out", "not a folder")
 
 
 @pytest.mark.slow

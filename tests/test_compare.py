@@ -41,8 +41,10 @@ def test_compare_k_rejects_bad_arguments():
 @pytest.fixture(scope="module")
 def fitted():
     X, Y, labels = bd.simulate(TRUTH, 200, seed=11, return_labels=True)
+    lines: list[str] = []
     cmp = bd.compare_k(X, Y, G0, ks=(1, 2), priors=bd.Priors(order="intercepts"), draws=300, tune=300,
-                       chains=2, seed=5)
+                       chains=2, seed=5, log=lines.append)
+    cmp.log_lines = lines
     return X, Y, labels, cmp
 
 
@@ -62,7 +64,7 @@ def test_compare_k_prefers_the_true_k_by_a_clear_margin(fitted):
     diag = cmp.diagnostics
     assert (diag["k_good"] + diag["k_bad"] + diag["k_very_bad"] == 200).all()
     assert "log_likelihood" in cmp.trees[2].children
-    assert "k=1" in str(cmp) and "elpd" in str(cmp)
+    assert "best k by elpd_loo: 2" in str(cmp) and "elpd_loo" in str(cmp)
 
 
 @pytest.mark.slow
@@ -91,3 +93,48 @@ def test_responsibilities_recover_the_source_of_each_row(fitted):
     label_of_expert = np.where(labels[expert_rows] == 1, 0, 1)
     hard = r.to_numpy()[expert_rows, 1:].argmax(axis=1)
     assert np.mean(hard == label_of_expert) > 0.98
+
+
+@pytest.mark.slow
+def test_compare_k_bic_icl_from_em_and_the_flat_table(fitted):
+    """BIC and ICL recomputed here from each EM estimate (its log-likelihood by `bd.loglik`, its parameter count,
+    its responsibilities' entropy): they match, and they also choose k = 2. The margin: k = 1 loses well over
+    100 nats of log-likelihood (see above), while the penalty of k = 2's four extra parameters is
+    4·log(200) ≈ 21, so BIC(k=1) − BIC(k=2) > 150. `to_frame` carries the same numbers as the ArviZ table."""
+    from bayes_dgme.em import n_free_parameters
+
+    X, Y, _, cmp = fitted
+    n = Y.size
+    for k in (1, 2):
+        em = cmp.em[k]
+        ll = float(bd.loglik(em.params, X, Y, known=G0))
+        assert em.loglik == pytest.approx(ll, rel=1e-9)
+        bic = -2 * ll + n_free_parameters(k, 1, "constant") * np.log(n)
+        terms = bd.log_joint_terms(em.params, X, Y, known=G0)
+        r = np.exp(terms - terms.max(axis=1, keepdims=True))
+        r /= r.sum(axis=1, keepdims=True)
+        entropy = -np.sum(r * np.log(np.clip(r, 1e-300, None)))
+        assert cmp.diagnostics.loc[k, "bic"] == pytest.approx(bic, rel=1e-9)
+        assert cmp.diagnostics.loc[k, "icl"] == pytest.approx(bic + 2 * entropy, rel=1e-6, abs=1e-6)
+    assert cmp.diagnostics.loc[1, "bic"] - cmp.diagnostics.loc[2, "bic"] > 150
+    assert cmp.best_k_by("bic") == 2 and cmp.best_k_by("icl") == 2
+    frame = cmp.to_frame()
+    from bayes_dgme.compare import COLUMNS
+
+    assert list(frame.columns) == list(COLUMNS) and list(frame["k"]) == [1, 2]
+    for r in frame.itertuples():
+        row = cmp.table.loc[f"k={r.k}"]
+        assert (r.elpd_loo, r.se, r.p_loo, r.elpd_diff) == pytest.approx(
+            (row["elpd"], row["se"], row["p"], row["elpd_diff"]))
+    # convergence columns: the label-invariant and label-dependent rows of bayes_dgme.diagnostics.check
+    from bayes_dgme.diagnostics import check
+
+    for k in (1, 2):
+        table = check(cmp.trees[k])
+        for kind, col in (("label-invariant", "rhat_invariant"), ("label-dependent", "rhat_experts")):
+            expected = table.loc[table["kind"] == kind, "rhat"].astype(float).max()
+            assert frame.set_index("k").loc[k, col] == pytest.approx(expected, rel=1e-9)
+    assert frame["rhat_invariant"].max() < 1.05  # well-separated sources, both fits started from EM
+    rec = cmp.to_dict()
+    assert rec["best_k"] == 2 and rec["best_k_bic"] == 2 and len(rec["rows"]) == 2
+    assert sum(line.startswith("[") for line in cmp.log_lines) == 2  # one progress line before each fit

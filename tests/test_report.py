@@ -279,3 +279,139 @@ def test_report_computes_nothing_of_its_own(d1_fit, monkeypatch, tmp_path):
     page = report.fit_report(path, tmp_path / "again.html")
     loss = re.search(r'<section id="loss">.*?</section>', page, re.S).group(0)
     assert "EM estimate" in loss and "0<" in loss.replace(" ", "")  # the stored start (the truth) has loss 0
+
+
+# ---------------------------------------------------------------------------------------------- which rows deviated
+def section_of(page: str, sid: str) -> str:
+    return re.search(rf'<section id="{sid}">.*?</section>', page, re.S).group(0)
+
+
+def table_rows(html: str, table_id: str) -> tuple[list[str], list[list[str]]]:
+    tab = re.search(rf'<table id="{table_id}".*?</table>', html, re.S).group(0)
+    header = [html_mod.unescape(h) for h in re.findall(r"<th>(.*?)</th>", tab, re.S)]
+    rows = [[html_mod.unescape(re.sub(r"<[^>]+>", "", c)) for c in re.findall(r"<td>(.*?)</td>", tr, re.S)]
+            for tr in re.findall(r"<tr>(.*?)</tr>", tab, re.S)]
+    return header, [r for r in rows if r]
+
+
+def kv_value(html: str, key: str) -> str:
+    m = re.search(rf"<td>{re.escape(html_mod.escape(key))}</td><td>(.*?)</td>", html, re.S)
+    assert m, f"{key!r} not in the section"
+    return html_mod.unescape(m.group(1))
+
+
+def embedded_csv(html: str):
+    import pandas as pd
+
+    b64 = re.search(r'href="data:text/csv;base64,([A-Za-z0-9+/=]+)"', html).group(1)
+    return pd.read_csv(io.StringIO(base64.b64decode(b64).decode("utf-8")))
+
+
+def test_responsibility_section_lists_exactly_the_rows_most_likely_to_have_deviated(d1_fit):
+    """The table, the count and the embedded CSV against `bd.responsibilities` computed here, independently."""
+    path, page, _sc, _perm, X, Y, labels = d1_fit
+    sec = section_of(page, "responsibilities")
+    r = bd.responsibilities(fitfile.read_fit(path).tree)
+    p_g0 = r.sel(source="g0").to_numpy()
+    dev = 1.0 - p_g0
+    header, rows = table_rows(sec, "responsibility-table")
+    assert header[:5] == ["row", "x1", "y", "P(deviated)", "P(g0)"] and header[-1] == "true source"
+    listed = [int(row[0]) - 1 for row in rows]  # rows count from 1
+    assert len(listed) == report.fit.TOP_ROWS == len(set(listed))
+    # exactly the TOP_ROWS largest 1 - P(g0), in decreasing order (no ties at the boundary here)
+    top = np.argsort(-dev)[:report.fit.TOP_ROWS]
+    assert np.sort(dev)[::-1][report.fit.TOP_ROWS - 1] > np.sort(dev)[::-1][report.fit.TOP_ROWS]
+    assert listed == top.tolist()
+    for row, i in zip(rows, listed):
+        assert float(row[1]) == pytest.approx(X[i, 0], rel=1e-3)
+        assert float(row[2]) == pytest.approx(Y[i], rel=1e-3)
+        assert float(row[3]) == pytest.approx(dev[i], rel=1e-3)
+        assert float(row[4]) == pytest.approx(p_g0[i], rel=1e-3)
+        assert row[-1] == ("g0" if labels[i] < 0 else f"true expert {labels[i]}")
+    n = Y.size
+    assert kv_value(sec, "rows with P(deviated) > 0.5").startswith(f"{int((dev > 0.5).sum())} of {n} ")
+    assert float(kv_value(sec, "expected number of deviated rows, Σ (1 − P(g0))")) == pytest.approx(dev.sum(), abs=0.06)
+    csv = embedded_csv(sec)
+    assert list(csv.columns) == ["row", "x1", "y", "P_deviated", "P_g0", "P_expert_0", "P_expert_1", "true_source"]
+    np.testing.assert_array_equal(csv["row"], np.arange(1, n + 1))
+    np.testing.assert_allclose(csv[["P_g0", "P_expert_0", "P_expert_1"]], r.to_numpy(), rtol=1e-5, atol=1e-12)
+    np.testing.assert_array_equal(csv["true_source"], labels)
+    assert images(sec)[0][0] == "responsibilities"
+
+
+def test_responsibilities_in_the_report_separate_g0_rows_from_expert_rows(d1_fit):
+    """On simulated data (seed 0) the rows drawn from g0 have a much higher mean P(g0) than rows drawn from the
+    experts. The margin: at the true parameters (the oracle) the two means are 0.70 and 0.17 for this seed
+    (Student-t g0 overlapping the expert lines near x = 1 keeps them from 1 and 0); the synthetic posterior
+    scatters 0.03-0.08 around the truth, which moves responsibilities by about 0.003 on average, so each
+    reported mean must be within 0.02 of the oracle's and the gap above 0.45."""
+    _path, page, sc, _perm, X, Y, labels = d1_fit
+    sec = section_of(page, "responsibilities")
+    g0_rows = labels < 0
+    mean_g0 = float(kv_value(sec, "rows simulated from g0: mean P(g0)"))
+    mean_exp = float(kv_value(sec, "rows simulated from the experts: mean P(g0)"))
+    t = sc.truth
+    terms = bd.log_joint_terms(t.params, X, Y, known=t.known)
+    oracle = np.exp(terms - terms.max(axis=1, keepdims=True))
+    oracle = oracle[:, 0] / oracle.sum(axis=1)
+    assert abs(mean_g0 - oracle[g0_rows].mean()) < 0.02
+    assert abs(mean_exp - oracle[~g0_rows].mean()) < 0.02
+    assert mean_g0 - mean_exp > 0.45
+    matched = kv_value(sec, "fitted experts matched to the true ones")
+    assert "expert 0 ≙ true expert" in matched and "expert 1 ≙ true expert" in matched
+
+
+def softmax_posterior(n: int = 120, draws: int = 40, seed: int = 3):
+    """A synthetic softmax-gated posterior with d = 2 named covariates and no truth (a real-data fit)."""
+    import xarray as xr
+
+    rng = np.random.default_rng(seed)
+    g0 = bd.known.GaussianExpert(slope=[0.0, 0.0], intercept=0.0, variance=0.5)
+    truth = bd.Truth(lam=0.5, weights=None, gate_intercepts=[0.2, -0.2], gate_slopes=[[-1.0, 0.5], [1.0, -0.5]],
+                     slopes=[[2.0, 0.0], [-1.0, 1.0]], intercepts=[3.0, -3.0], variances=[0.2, 0.3], known=g0)
+    X, Y, labels = bd.simulate(truth, n, seed=seed, return_labels=True)
+    c, names = 2, ["age", "dose"]
+
+    def noisy(a, s):
+        a = np.asarray(a, dtype=float)
+        return a[None, None] + s * rng.standard_normal((c, draws) + a.shape)
+
+    dims = {"lam": ("chain", "draw"), "gate_intercepts": ("chain", "draw", "expert"),
+            "gate_slopes": ("chain", "draw", "expert", "covariate"), "slopes": ("chain", "draw", "expert", "covariate"),
+            "intercepts": ("chain", "draw", "expert"), "variances": ("chain", "draw", "expert")}
+    values = {"lam": np.clip(noisy(truth.lam, 0.03), 0.01, 0.99),
+              "gate_intercepts": noisy(truth.gate_intercepts, 0.05), "gate_slopes": noisy(truth.gate_slopes, 0.05),
+              "slopes": noisy(truth.slopes, 0.05), "intercepts": noisy(truth.intercepts, 0.05),
+              "variances": np.abs(noisy(truth.variances, 0.02)) + 0.01}
+    coords = {"chain": np.arange(c), "draw": np.arange(draws), "expert": np.arange(2), "covariate": names}
+    post = xr.Dataset({k: (dims[k], v) for k, v in values.items()}, coords=coords)
+    stats = xr.Dataset({"diverging": (("chain", "draw"), np.zeros((c, draws), dtype=bool))},
+                       coords={"chain": np.arange(c), "draw": np.arange(draws)})
+    obs = xr.Dataset({"y": ("obs", Y)}, coords={"obs": np.arange(n)})
+    const = xr.Dataset({"X": (("obs", "covariate"), X), "log_g0": ("obs", g0.logpdf(Y, X))},
+                       coords={"obs": np.arange(n), "covariate": names})
+    tree = xr.DataTree.from_dict({"posterior": post, "sample_stats": stats, "observed_data": obs,
+                                  "constant_data": const})
+    return tree, X, Y, labels
+
+
+def test_responsibility_section_softmax_two_named_covariates_without_truth(tmp_path):
+    tree, X, Y, labels = softmax_posterior()
+    meta = {"data": {"source": "synthetic.csv", "x": ["age", "dose"], "y": "score"}}  # as `bayes-dgme fit` stores it
+    page = report.fit_report(fitfile.write_fit(tmp_path / "sm.nc", tree, X=X, Y=Y, metadata=meta))
+    sec = section_of(page, "responsibilities")
+    header, rows = table_rows(sec, "responsibility-table")
+    assert header[:4] == ["row", "age", "dose", "score"] and "true source" not in header
+    dev = 1.0 - bd.responsibilities(tree).sel(source="g0").to_numpy()
+    listed = [int(row[0]) - 1 for row in rows]
+    assert sorted(dev[listed]) == pytest.approx(sorted(np.sort(dev)[-len(listed):]))
+    for row, i in zip(rows, listed):
+        assert float(row[1]) == pytest.approx(X[i, 0], rel=1e-3) and float(row[2]) == pytest.approx(X[i, 1], rel=1e-3)
+    assert "rows simulated from g0" not in sec  # no labels, no truth: nothing claimed about them
+    assert list(embedded_csv(sec).columns[:4]) == ["row", "age", "dose", "score"]
+    # these synthetic sources are far apart (intercepts ±3 vs g0 at 0, sd <= 0.7): the rows drawn from the
+    # experts are flagged, the rows drawn from g0 are not, apart from a few near the crossings of the lines
+    flagged = dev > 0.5
+    assert flagged[labels >= 0].mean() > 0.9 and flagged[labels < 0].mean() < 0.1
+    (img,) = [im for alt, im in images(sec) if alt == "responsibilities"]
+    assert img.size[0] > 800

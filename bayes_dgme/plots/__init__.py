@@ -3,7 +3,8 @@
 - `bayes_dgme.plots.study`: contraction studies -- `contraction_plot`, `parameter_error_plot`,
   `rate_comparison_plot`, `set_n_axis`, `save`;
 - `bayes_dgme.plots.fit`: one posterior fit -- `data_figure`, `truth_figure`, `loss_figure`,
-  `ppc_density_figure`, `ppc_quantile_figure`, `trace_figure`, `rank_figure`.
+  `ppc_density_figure`, `ppc_quantile_figure`, `trace_figure`, `rank_figure`;
+- `bayes_dgme.plots.responsibilities`: which rows deviated -- `responsibility_figure`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from .fit import (
     trace_figure,
     truth_figure,
 )
+from .responsibilities import responsibility_figure
 from .study import contraction_plot, parameter_error_plot, rate_comparison_plot, save, set_n_axis
 
 __all__ = [
     "contraction_plot", "parameter_error_plot", "rate_comparison_plot", "set_n_axis", "save",
     "data_figure", "truth_figure", "loss_figure", "ppc_density_figure", "ppc_quantile_figure", "trace_figure",
-    "rank_figure",
+    "rank_figure", "responsibility_figure",
 ]

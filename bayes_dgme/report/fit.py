@@ -4,11 +4,13 @@ Sections (HTML ids in brackets): the model and the data provenance [``scenario``
 posterior experts (and the true ones) [``data``], the ArviZ summary (with a truth column when the
 spec has a truth) [``summary``], diagnostics, label-invariant and label-dependent [``diagnostics``],
 trace [``trace``] and rank plots [``rank``], posterior marginals versus truth [``truth``], a
-posterior predictive check [``ppc``], the posterior of the Voronoi loss [``loss``] and the deviation
-test [``deviation``].
+posterior predictive check [``ppc``], the posterior of the Voronoi loss [``loss``], the deviation
+test [``deviation``] and which rows deviated (each row's posterior probability of coming from g0 or
+from each expert) [``responsibilities``].
 
 The report lays out what the library computed: draws through `bayes_dgme.params_from_posterior`,
 losses through `bayes_dgme.posterior_losses`, diagnostics through `bayes_dgme.diagnostics`,
+responsibilities through `bayes_dgme.responsibilities`,
 predictive draws from the fit file's ``posterior_predictive`` group, the deviation test through
 `bayes_dgme.deviation.DeviationResult.to_html`; figures come from `bayes_dgme.plots`.
 """
@@ -26,15 +28,23 @@ from ..diagnostics import BFMI_MIN, ESS_PER_CHAIN, RHAT_MAX, check, model_vars, 
 from ..fitfile import FitFile, atomic_write_text, read_fit
 from .html import badge, esc, figure_img, fmt, fmt_ess, note, one_line, page, section, table
 
-__all__ = ["FIT_SECTIONS", "fit_report", "truth_table", "scalar_draws", "deviation_result"]
+__all__ = ["FIT_SECTIONS", "fit_report", "truth_table", "scalar_draws", "deviation_result", "TOP_ROWS",
+           "DEVIATED_AT", "CSV_MAX_ROWS"]
 
 #: Section ids of a fit report, in order.
 FIT_SECTIONS = ("scenario", "data", "summary", "diagnostics", "trace", "rank", "truth", "ppc", "loss",
-                "deviation")
+                "deviation", "responsibilities")
 
 _NAV = {"scenario": "Model", "data": "Data", "summary": "Summary", "diagnostics": "Diagnostics",
         "trace": "Trace", "rank": "Rank", "truth": "Posterior vs truth", "ppc": "Predictive check",
-        "loss": "Voronoi loss", "deviation": "Deviation test"}
+        "loss": "Voronoi loss", "deviation": "Deviation test", "responsibilities": "Which rows deviated"}
+
+#: Rows listed in the report's table of the rows most likely to have deviated.
+TOP_ROWS = 10
+#: A row counts as deviated when its posterior probability of not coming from g0 exceeds this.
+DEVIATED_AT = 0.5
+#: Largest number of rows whose responsibilities are embedded in the report as a CSV download.
+CSV_MAX_ROWS = 20000
 
 NO_TRUTH = "The model spec has no [truth] (real data, or a spec without one): {what} skipped."
 
@@ -339,6 +349,115 @@ def _deviation_section(ff: FitFile, threshold: float) -> str:
     return section("deviation", "Did the data deviate from g0?", body)
 
 
+def _known_of(ff: FitFile):
+    truth = ff.truth
+    return getattr(ff.scenario, "known", None) or (truth.known if truth is not None else None)
+
+
+def _csv_link(ff: FitFile, values, names) -> str:
+    """A download link with every row's responsibilities, embedded as a ``data:`` URI (no external file)."""
+    import base64
+    import io
+
+    import pandas as pd
+
+    n = values.shape[0]
+    if n > CSV_MAX_ROWS:
+        return note(f"The table of all {n} rows is not embedded (more than {CSV_MAX_ROWS} rows): compute it with "
+                    "<code>bayes_dgme.responsibilities(arviz.from_netcdf(FIT))</code>.")
+    cols = {"row": np.arange(1, n + 1)}
+    cols.update({name: ff.X[:, j] for j, name in enumerate(ff.covariates)})
+    cols[_response_name(ff)] = ff.Y
+    cols["P_deviated"] = 1.0 - values[:, 0]
+    cols.update({f"P_{name.replace(' ', '_')}": values[:, j] for j, name in enumerate(names)})
+    if ff.labels is not None:
+        cols["true_source"] = ff.labels
+    buf = io.StringIO()
+    pd.DataFrame(cols).to_csv(buf, index=False, float_format="%.6g")
+    b64 = base64.b64encode(buf.getvalue().encode("utf-8")).decode("ascii")
+    return (f'<p class="note"><a download="responsibilities.csv" href="data:text/csv;base64,{b64}">'
+            f"Download all {n} rows (CSV)</a>: columns row, the covariates, the response, P_deviated, P_g0 and "
+            "P of each expert"
+            + (", and the true source of each simulated row" if ff.labels is not None else "") + ".</p>")
+
+
+def _responsibility_section(ff: FitFile) -> str:
+    from ..plots import responsibility_figure
+    from ..prediction import responsibilities
+
+    title = "Which rows deviated from g0?"
+    try:
+        resp = responsibilities(ff.tree, known=None if _has_log_g0(ff.tree) else _known_of(ff))
+    except ValueError as err:
+        return section("responsibilities", title, note(
+            f"The responsibilities could not be computed from this fit file ({esc(one_line(err))})."))
+    resp = resp.transpose("obs", "source")
+    values = np.asarray(resp.values, dtype=float)
+    names = [str(v) for v in resp.coords["source"].values]
+    n = values.shape[0]
+    dev = 1.0 - values[:, 0]
+    flagged = dev > DEVIATED_AT
+    lam = ff.tree["posterior"]["lam"].values.ravel()
+    kv = [(f"rows with P(deviated) > {DEVIATED_AT:g}", f"{int(flagged.sum())} of {n} ({100 * flagged.mean():.1f}%)"),
+          ("expected number of deviated rows, Σ (1 − P(g0))", f"{dev.sum():.1f}"),
+          ("n × posterior mean of λ (for comparison)", f"{n * float(lam.mean()):.1f}"),
+          ("rows assigned clearly (P(deviated) < 0.1 or > 0.9)", f"{int(((dev < 0.1) | (dev > 0.9)).sum())} of {n}")]
+    if ff.labels is not None:
+        from_g0 = ff.labels < 0
+        kv += [("rows simulated from g0: mean P(g0)",
+                fmt(float(values[from_g0, 0].mean())) if from_g0.any() else "—"),
+               ("rows simulated from the experts: mean P(g0)",
+                fmt(float(values[~from_g0, 0].mean())) if (~from_g0).any() else "—"),
+               (f"rows simulated from the experts with P(deviated) > {DEVIATED_AT:g}",
+                f"{int((flagged & ~from_g0).sum())} of {int((~from_g0).sum())}"),
+               (f"rows simulated from g0 with P(deviated) > {DEVIATED_AT:g}",
+                f"{int((flagged & from_g0).sum())} of {int(from_g0.sum())}")]
+    match = None
+    if ff.truth is not None:
+        from ..posterior import match_experts, params_from_posterior
+
+        match = np.asarray(match_experts(params_from_posterior(ff.tree), ff.truth), dtype=int)
+        kv.append(("fitted experts matched to the true ones", ", ".join(
+            f"{names[i + 1]} ≙ " + (f"true expert {j}" if j >= 0 else "none") for i, j in enumerate(match))))
+    fig = figure_img(responsibility_figure(ff.X, ff.Y, resp, covariates=ff.covariates, labels=ff.labels,
+                                           known=_known_of(ff), threshold=DEVIATED_AT, match=match,
+                                           response=_response_name(ff)),
+                     "responsibilities")
+    top = np.argsort(values[:, 0], kind="stable")[:min(TOP_ROWS, n)]  # smallest P(g0) = largest P(deviated)
+    header = ["row", *ff.covariates, _response_name(ff), "P(deviated)", "P(g0)", "most likely expert"] + \
+        (["true source"] if ff.labels is not None else [])
+    rows = []
+    for i in top:
+        j = int(values[i, 1:].argmax()) + 1
+        row = [str(int(i) + 1), *(fmt(float(v)) for v in ff.X[i]), fmt(float(ff.Y[i])), fmt(float(dev[i])),
+               fmt(float(values[i, 0])), f"{names[j]} ({fmt(float(values[i, j]), 3)})"]
+        if ff.labels is not None:
+            row.append("g0" if ff.labels[i] < 0 else f"true expert {int(ff.labels[i])}")
+        rows.append(row)
+    text = ("For every row, the posterior mean probability that it came from g0 or from each expert "
+            "(<code>bayes_dgme.responsibilities</code>: under each posterior draw, the share of the row's "
+            "likelihood from each source, averaged over the draws). P(deviated) = 1 − P(g0) is invariant to the "
+            "experts' labels; the columns of single experts are meaningful only when the chains do not switch "
+            "labels (see the label-dependent diagnostics). Row numbers count the data rows from 1, in the order "
+            "of the data file.")
+    body = (fig + note(text) + table(["", ""], kv, cls="kv")
+            + f"<h3>The {len(top)} rows most likely to have deviated (highest 1 − P(g0))</h3>"
+            + table(header, rows, table_id="responsibility-table") + _csv_link(ff, values, names))
+    return section("responsibilities", title, body)
+
+
+def _response_name(ff: FitFile) -> str:
+    """The response column's name when the data came from a file with named columns, else ``"y"``."""
+    data = ff.meta.get("data") if isinstance(ff.meta, dict) else None
+    name = data.get("y") if isinstance(data, dict) else None
+    name = str(name) if name else "y"
+    return name if name not in ff.covariates and name not in ("row", "P_deviated") else "y"
+
+
+def _has_log_g0(tree) -> bool:
+    return "constant_data" in tree.children and "log_g0" in tree["constant_data"].data_vars
+
+
 # ====================================================================== the report
 def fit_report(source: str | Path | FitFile, out: str | Path | None = None, *, threshold: float = 0.05) -> str:
     """Build the HTML report of one posterior fit.
@@ -379,6 +498,7 @@ def fit_report(source: str | Path | FitFile, out: str | Path | None = None, *, t
         _ppc_section(ff),
         _loss_section(ff),
         _deviation_section(ff, threshold),
+        _responsibility_section(ff),
     ]
     verdict = ('<span class="verdict">label-invariant diagnostics and sampler checks: all passed</span>'
                if n_fail == 0 else f'<span class="verdict">diagnostics: {n_fail} check(s) failed</span>')
