@@ -58,16 +58,15 @@ RbarSpec = Mapping[int, float] | Callable[[int], float] | None
 #: its length), bisection halvings per piece of the one-covariate search.
 _GOLDEN_ITERS = 60
 _BISECT_ITERS = 70
-#: d = 2: the exact search visits every assignment of the k fitted atoms to the J true atoms (J^k of them);
-#: above this many it falls back to the local search used for d >= 3.
+#: d = 2: the polygon search visits every assignment of the k fitted atoms to the J true atoms (J^k of them);
+#: above this many it uses the general search of `_ExactSearch` (as d >= 3 does).
 _MAX_ASSIGNMENTS = 729
-#: Local search (d >= 3): starting translations refined, rounds of (fix cells, minimise), iterations and
-#: backtracking halvings of the safeguarded IRLS (Weiszfeld) minimisation per round.
-_MULTI_STARTS = 3
-_MULTI_ROUNDS = 6
-_IRLS_ITERS = 80
-_IRLS_BACKTRACK = 8
-_COMPASS_ITERS = 400
+#: General search (d >= 3): (draws x assignments) handled per chunk, damped Newton iterations and step
+#: lengths (1, 1/2, ..., 2^-(n-1)) per face, feasibility tolerance relative to the gate-slope scale.
+_EXACT_CHUNK = 200_000
+_NEWTON_ITERS = 60
+_LINE_STEPS = 12
+_FEAS_TOL = 1e-11
 
 
 # ----------------------------------------------------------------------------------------------- r̄
@@ -346,7 +345,7 @@ class _Softmax:
             return self._minimise_1d()
         if self.d == 2 and self.J**self.k <= _MAX_ASSIGNMENTS:
             return self._minimise_2d()
-        return self._minimise_multi()
+        return self._minimise_exact()
 
     def _best(self, G: np.ndarray, c: np.ndarray, cells: np.ndarray):
         i = np.argmin(G, axis=-1)
@@ -513,41 +512,21 @@ class _Softmax:
         c1 = np.stack([x, y], axis=-1)
         return self._best(G, c1, parts["cell"])
 
-    def _minimise_multi(self):
-        # d >= 3 (or too many assignments for d = 2): a local search, not proven global. Candidates: every
-        # alignment β1*_j − β1_i and the centroid alignment (exact G at each). From the best few: fix the
-        # cells, minimise the convex G_σ of those cells over R^d (safeguarded IRLS/Weiszfeld steps), keep
-        # it if G (cells recomputed) improves; then a compass search on G itself (steps ±h along each
-        # axis, h halved when no step improves) polishes across region boundaries.
+    def _minimise_exact(self):
+        # d >= 3 (or too many assignments for the d = 2 polygon search): see `_ExactSearch`. Start from the
+        # best alignment or centroid translation (an attained value that prunes assignments from the start).
         al = self.alignments()
         cen = (np.mean(self.Bstar, axis=0) - np.mean(self.B, axis=-2))[..., None, :]
         cand = np.concatenate([al, cen], axis=-2)  # batch + (n, d)
         G0 = self.evaluate(cand)
-        order = np.argsort(G0, axis=-1, kind="stable")[..., :min(_MULTI_STARTS, cand.shape[-2])]
-        c = np.take_along_axis(cand, order[..., None], axis=-2)  # batch + (s, d)
-        g = np.take_along_axis(G0, order, axis=-1)
-        for _ in range(_MULTI_ROUNDS):
-            trial = _region_minimum(self.parts(self.cells_at(c)))
-            gt = self.evaluate(trial)
-            better = gt < g
-            c = np.where(better[..., None], trial, c)
-            g = np.where(better, gt, g)
-        span = 1.0 + np.max(np.abs(al - cen), axis=(-2, -1))  # batch
-        h = np.broadcast_to(span[..., None], g.shape).copy()
-        steps = np.concatenate([np.eye(self.d), -np.eye(self.d)])  # (2d, d)
-        for _ in range(_COMPASS_ITERS):
-            trial = c[..., None, :] + h[..., None, None] * steps  # batch + (s, 2d, d)
-            flat = trial.reshape(self.batch + (-1, self.d))
-            gt = self.evaluate(flat).reshape(trial.shape[:-1])
-            j = np.argmin(gt, axis=-1)
-            gj = np.take_along_axis(gt, j[..., None], -1)[..., 0]
-            better = gj < g
-            c = np.where(better[..., None], np.take_along_axis(trial, j[..., None, None], -2)[..., 0, :], c)
-            g = np.where(better, gj, g)
-            h = np.where(better, h, h / 2.0)
-            if np.all(h < 1e-10 * span[..., None]):
-                break
-        return self._best(g, c, self.cells_at(c))
+        i = np.argmin(G0, axis=-1)
+        U = np.take_along_axis(G0, i[..., None], -1)[..., 0].reshape(-1).copy()
+        best = np.take_along_axis(cand, i[..., None, None], -2)[..., 0, :].reshape(-1, self.d).copy()
+        _ExactSearch(self).run(U, best)
+        c1 = best.reshape(self.batch + (self.d,))
+        # the reported loss is the loss at the returned translation, cells by the tie rule
+        G = self.evaluate(c1[..., None, :])[..., 0]
+        return G, c1, self.cells_at(c1[..., None, :])[..., 0, :]
 
 
 def _golden(f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -573,35 +552,264 @@ def _golden(f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarra
     return np.take_along_axis(cand, np.argmin(vals, axis=-1)[..., None], -1)[..., 0]
 
 
-def _region_minimum(parts: dict) -> np.ndarray:
-    """Minimise ``Σ_i ω_i ‖u_i + c‖^{p_i}`` over ``c ∈ R^d`` (cells fixed) by safeguarded IRLS steps."""
-    p = parts["p"]
-    u = parts["u"]  # batch + (s, k, d)
-    w = np.where(parts["omega"] > 0, parts["omega"], 1e-300)
-    scale = 1.0 + np.max(np.abs(u), axis=(-2, -1))
-    eps = 1e-12 * scale[..., None]
+class _ExactSearch:
+    """Global minimum over ``c1`` of the softmax loss, for any ``d`` (used for ``d ≥ 3``).
 
-    def F(c: np.ndarray) -> np.ndarray:  # c: batch + (s, q, d) -> batch + (s, q)
-        return np.sum(w[..., None, :] * _norm(u[..., None, :, :] + c[..., :, None, :]) ** p[..., None, :], -1)
+    Works on a flat batch of ``n`` draws. See `voronoi_loss`, Notes, for the method and why it is global:
+    every assignment ``σ`` of fitted to true atoms is a polyhedron ``P_σ`` in ``c1``-space on which the
+    loss is the convex ``G_σ``; ``min_{P_σ} G_σ`` is found exactly by the active-face recursion of
+    `_search`, assignments being discarded as soon as a lower bound reaches a value already attained.
+    """
 
-    c = -np.sum(w[..., None] * u, axis=-2) / np.sum(w, axis=-1)[..., None]
-    f = F(c[..., None, :])[..., 0]
-    shrink = 0.5 ** np.arange(_IRLS_BACKTRACK)
-    for _ in range(_IRLS_ITERS):
-        x = u + c[..., None, :]
-        n = np.maximum(_norm(x), eps)
-        alpha = w * p * n ** (p - 2.0)
-        step = -np.sum(alpha[..., None] * x, axis=-2) / np.maximum(np.sum(alpha, axis=-1), 1e-300)[..., None]
-        trial = c[..., None, :] + shrink[:, None] * step[..., None, :]
-        ft = F(trial)
+    def __init__(self, sm: _Softmax) -> None:
+        k, J, d = sm.k, sm.J, sm.d
+        n = int(np.prod(sm.batch, dtype=int))
+        self.k, self.J, self.d, self.n = k, J, d, n
+        self.Bg = sm.B.reshape(n, k, d)
+        self.Bstar = sm.Bstar
+        self.omega = sm.omega.reshape(n, k)
+        self.dz2 = sm.dz2.reshape(n, k, J)
+        self.A, self.Bd, self.V = (x.reshape(n, k, J) for x in (sm.A, sm.Bd, sm.V))
+        self.w_true = sm.w_true
+        self.exps = sm.exps
+        # length scale of the gate slopes (tolerances are relative to it)
+        self.L = 1.0 + np.max(np.abs(self.Bg), axis=(-2, -1)) + np.max(np.abs(self.Bstar), initial=0.0)
+        self.sig = np.array(list(itertools.product(range(J), repeat=k)), dtype=np.int64).reshape(-1, k)  # (S, k)
+        onehot = self.sig[..., None] == np.arange(J)  # (S, k, J)
+        self.onehot = onehot.astype(float)
+        sizes = onehot.sum(axis=-2)  # (S, J)
+        m_i = np.take_along_axis(sizes, self.sig, axis=-1)  # (S, k)
+        self.single = m_i == 1
+        self.r = self.exps[m_i]
+        self.p = np.where(self.single, 1.0, self.r)  # exponent of each gate-slope term
+        self.offsets = np.arange(1, J)
+
+    # ---------------------------------------------------------------- pieces of G_σ
+    def _expert_terms(self, b: np.ndarray, cell: np.ndarray, single: np.ndarray, r: np.ndarray) -> np.ndarray:
+        """``Σ_i ω_i K_i`` (the c1-free part of the atom terms) for draws ``b`` (shape s) and cells ``s + (k,)``."""
+        ar = np.arange(self.k)
+        da, db, dv = (x[b[..., None], ar, cell] for x in (self.A, self.Bd, self.V))
+        K = np.where(single, da + db + dv, db**r + da ** (r / 2) + dv ** (r / 2))
+        return _sum_last(self.omega[b] * K)
+
+    def _mass_terms(self, b: np.ndarray, onehot: np.ndarray) -> np.ndarray:
+        """``Σ_j |Σ_{A_j} ω_i − ω*_j|`` for draws ``b`` and one-hot cells ``s + (k, J)``."""
+        S = np.einsum("...k,...kj->...j", self.omega[b], onehot)
+        return _sum_last(np.abs(S - self.w_true))
+
+    def value_at(self, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The loss at translations ``c`` (``(m, d)``) for draws ``b`` (``(m,)``), cells by the tie rule."""
+        g = self.Bg[b] + c[:, None, :]  # (m, k, d)
+        diff = g[:, :, None, :] - self.Bstar  # (m, k, J, d)
+        dist2 = np.sum(diff * diff, axis=-1) + self.dz2[b]
+        cell = np.argmin(dist2, axis=-1)  # (m, k): first minimum = lowest reference index
+        onehot = cell[..., None] == np.arange(self.J)
+        sizes = onehot.sum(axis=-2)
+        m_i = np.take_along_axis(sizes, cell, axis=-1)
+        single = m_i == 1
+        r = self.exps[m_i]
+        dg = _norm(g - self.Bstar[cell])
+        gate = _sum_last(self.omega[b] * np.where(single, dg, dg**r))
+        return self._mass_terms(b, onehot.astype(float)) + self._expert_terms(b, cell, single, r) + gate, cell
+
+    def constraints(self, b: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Half-spaces ``a·c1 ≤ h`` (``a`` unit) of the polyhedron ``P_σ`` for problems ``(b, s)``.
+
+        Atom ``i`` is in cell ``j = σ(i)`` rather than ``l`` iff ``2 c1·(β1*_l − β1*_j) ≤ ‖β1_i − β1*_l‖² −
+        ‖β1_i − β1*_j‖² + z_il − z_ij`` (``z``: squared distance outside the gate slopes); the inequality
+        is strict for ``l < j`` (ties go to the lowest index): ``P_σ`` is the closure of that region.
+        Returns ``a`` (``(m, C, d)``), ``h`` (``(m, C)``; ``+inf`` for a constraint that does not depend on
+        ``c1`` and holds) and ``ok`` (``(m,)``: False when such a constant constraint fails: ``σ`` is
+        never realised).
+        """
+        J, d = self.J, self.d
+        m = b.shape[0]
+        j = self.sig[s]  # (m, k)
+        if J == 1:
+            return np.zeros((m, 0, d)), np.zeros((m, 0)), np.ones(m, dtype=bool)
+        l = (j[..., None] + self.offsets) % J  # (m, k, J-1)
+        bi = self.Bg[b]  # (m, k, d)
+        a = 2.0 * (self.Bstar[l] - self.Bstar[j][..., None, :])  # (m, k, J-1, d)
+        dl = bi[:, :, None, :] - self.Bstar[l]
+        dj = bi - self.Bstar[j]
+        z = self.dz2[b]  # (m, k, J)
+        h = (np.sum(dl * dl, -1) - np.sum(dj * dj, -1)[..., None]
+             + np.take_along_axis(z, l, -1) - np.take_along_axis(z, j[..., None], -1))
+        strict = l < j[..., None]
+        a = a.reshape(m, -1, d)
+        h = h.reshape(m, -1)
+        strict = strict.reshape(m, -1)
+        nrm = _norm(a)
+        const = nrm <= 1e-13 * (1.0 + np.max(np.abs(self.Bstar)))
+        holds = np.where(strict, h > 0, h >= 0)
+        ok = ~np.any(const & ~holds, axis=-1)
+        safe = np.where(const, 1.0, nrm)
+        a = np.where(const[..., None], 0.0, a / safe[..., None])
+        h = np.where(const, np.inf, h / safe)
+        return a, h, ok
+
+    # ---------------------------------------------------------------- the search
+    def run(self, U: np.ndarray, best: np.ndarray) -> None:
+        """Improve the attained values ``U`` (``(n,)``) and their translations ``best`` (``(n, d)``) in place."""
+        S = self.sig.shape[0]
+        chunk = max(1, _EXACT_CHUNK // S)
+        for start in range(0, self.n, chunk):
+            self._search(np.arange(start, min(start + chunk, self.n)), U, best)
+
+    def _search(self, draws: np.ndarray, U: np.ndarray, best: np.ndarray) -> None:
+        d = self.d
+        S = self.sig.shape[0]
+        bb = np.broadcast_to(draws[:, None], (draws.size, S))
+        ss = np.broadcast_to(np.arange(S), (draws.size, S))
+        base = self._mass_terms(bb, self.onehot) + self._expert_terms(bb, self.sig, self.single, self.r)
+        # cheapest first: attained values from the assignments with the smallest lower bounds come early
+        keep = base < U[bb]
+        b, s, LB = bb[keep], ss[keep], base[keep]
+        order = np.argsort(LB, kind="stable")
+        b, s, LB = b[order], s[order], LB[order]
+        base_of = base  # (draws, S)
+        row = np.empty(self.n, dtype=np.int64)
+        row[draws] = np.arange(draws.size)
+        Q = np.zeros((b.size, 0), dtype=np.int64)
+        for level in range(d + 1):
+            keep = LB < U[b]
+            b, s, LB, Q = b[keep], s[keep], LB[keep], Q[keep]
+            if level >= 2 and b.size:  # the same face is reached from several parents
+                Qs = np.sort(Q, axis=-1)
+                key = np.concatenate([b[:, None], s[:, None], Qs], axis=-1)
+                _, first = np.unique(key, axis=0, return_index=True)
+                b, s, LB, Q = b[first], s[first], LB[first], Qs[first]
+            if b.size == 0:
+                return
+            a, h, ok = self.constraints(b, s)
+            b, s, Q, a, h = b[ok], s[ok], Q[ok], a[ok], h[ok]
+            m = b.size
+            if m == 0:
+                return
+            AQ = np.take_along_axis(a, Q[..., None], axis=1)  # (m, level, d)
+            hQ = np.take_along_axis(h, Q, axis=1)
+            if level == 0:
+                x0 = np.zeros((m, d))
+                N = np.broadcast_to(np.eye(d), (m, d, d))
+            else:
+                Uq, sv, Vt = np.linalg.svd(AQ, full_matrices=True)
+                x0 = np.einsum("mqd,mq->md", Vt[:, :level, :], np.einsum("mpq,mp->mq", Uq, hQ) / sv)
+                N = np.swapaxes(Vt[:, level:, :], -1, -2)  # (m, d, d - level): orthonormal null space
+            u = self.Bg[b] - self.Bstar[self.sig[s]]  # (m, k, d): gate term i is ‖u_i + c1‖^p_i
+            c, F = _affine_minimum(u, self.omega[b], self.p[s], x0, N, self.L[b])
+            val = base_of[row[b], s] + F
+            viol = np.einsum("mcd,md->mc", a, c) - h  # (m, C)
+            tol = _FEAS_TOL * (self.L[b][:, None] + np.abs(np.where(np.isfinite(h), h, 0.0)))
+            feas = np.all(viol <= tol, axis=-1)
+            if feas.any():
+                self._offer(b[feas], s[feas], c[feas], a[feas], viol[feas], tol[feas], U, best)
+            if level == d:
+                return
+            # the minimum over this face is outside P_σ: the minimum over P_σ ∩ face lies on a facet
+            # whose constraint the face's minimiser violates (one child per such constraint)
+            out = ~feas
+            proj = _norm(np.einsum("mdr,mcd->mcr", N[out], a[out]))  # a_q not constant on the face
+            grow = (viol[out] > tol[out]) & (proj > 1e-9)
+            parent, q = np.nonzero(grow)
+            pi = np.nonzero(out)[0][parent]
+            b, s, LB = b[pi], s[pi], val[pi]
+            Q = np.concatenate([Q[pi], q[:, None]], axis=-1)
+
+    def _offer(self, b, s, c, a, viol, tol, U, best) -> None:
+        """Candidates ``c`` in the closure ``P_σ`` of their region: step just inside the region (off every
+        active constraint), evaluate the loss there with the tie rule, and keep what improves ``U``."""
+        act = viol >= -10.0 * tol  # constraints (nearly) active at c
+        if act.any():
+            af = np.where(act[..., None], a, 0.0)
+            gram = np.einsum("mcd,med->mce", af, af)
+            coef = np.einsum("mce,me->mc", np.linalg.pinv(gram), act.astype(float))
+            delta = -np.einsum("mc,mcd->md", coef, af)  # a_q·δ = −1 on the active constraints
+            ad = np.einsum("mcd,md->mc", a, delta)
+            t = np.max(np.where(act, 10.0 * tol, 0.0), axis=-1)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                room = np.where(~act & (ad > 0), -viol / ad, np.inf)
+            t = np.minimum(t, 0.5 * np.min(room, axis=-1, initial=np.inf))
+            c_in = c + t[:, None] * delta
+            g, cell = self.value_at(b, c_in)
+            inside = np.all(cell == self.sig[s], axis=-1)
+            if not inside.all():  # a degenerate region (no interior): the closure point itself
+                g0, _ = self.value_at(b[~inside], c[~inside])
+                g[~inside] = g0
+                c_in[~inside] = c[~inside]
+            c = c_in
+        else:
+            g, _ = self.value_at(b, c)
+        order = np.argsort(g, kind="stable")
+        tb, tg, tc = b[order], g[order], c[order]
+        first = np.unique(tb, return_index=True)[1]
+        tb, tg, tc = tb[first], tg[first], tc[first]
+        better = tg < U[tb]
+        U[tb[better]] = tg[better]
+        best[tb[better]] = tc[better]
+
+
+def _affine_minimum(u, om, p, x0, N, L):
+    """Minimise ``F(c) = Σ_i ω_i ‖u_i + c‖^{p_i}`` over the affine subspace ``c = x0 + N z``.
+
+    ``u``: ``(m, k, d)``; ``om``, ``p``: ``(m, k)`` (``p ≥ 1``: ``F`` is convex); ``x0``: ``(m, d)``; ``N``:
+    ``(m, d, r)`` with orthonormal columns. Damped Newton steps (the best of a grid of step lengths,
+    stopped when none decreases ``F``) from the weighted least-squares point; the only points where ``F``
+    is not differentiable are the kinks ``u_i + c = 0`` of the ``p_i = 1`` terms, which are evaluated
+    as candidates too. Returns ``(c, F(c))``.
+    """
+    w = u + x0[:, None, :]  # (m, k, d)
+    m, _, d = w.shape
+    rdim = N.shape[-1]
+
+    def F(idx, z):  # z: (len(idx), q, r) -> (len(idx), q)
+        y = w[idx][:, None] + np.einsum("mdr,mqr->mqd", N[idx], z)[:, :, None, :]
+        return _sum_last(om[idx][:, None] * _norm(y) ** p[idx][:, None])
+
+    allm = np.arange(m)
+    if rdim == 0:
+        return x0, F(allm, np.zeros((m, 1, 0)))[:, 0]
+    wt = np.where(np.sum(om, -1, keepdims=True) > 0, om, 1.0)
+    z = -np.einsum("mdr,md->mr", N, np.sum(wt[..., None] * w, 1) / np.sum(wt, -1)[:, None])
+    f = F(allm, z[:, None])[:, 0]
+    steps = 0.5 ** np.arange(_LINE_STEPS)
+    live = allm
+    eye = np.eye(rdim)
+    for _ in range(_NEWTON_ITERS):
+        wl, Nl, zl, oml, pl = w[live], N[live], z[live], om[live], p[live]
+        y = wl + np.einsum("mdr,mr->md", Nl, zl)[:, None, :]
+        rad = np.maximum(_norm(y), 1e-13 * L[live][:, None])
+        c1 = oml * pl * rad ** (pl - 2.0)  # (l, k)
+        grad = np.einsum("mdr,md->mr", Nl, np.einsum("mk,mkd->md", c1, y))
+        yh = y / rad[..., None]
+        Hy = (np.sum(c1, -1)[:, None, None] * np.eye(d)
+              + np.einsum("mk,mkd,mke->mde", c1 * (pl - 2.0), yh, yh))
+        Hz = np.einsum("mdr,mde,mes->mrs", Nl, Hy, Nl)
+        tr = np.trace(Hz, axis1=-2, axis2=-1)[:, None, None] / rdim
+        Hz = Hz + (1e-12 * tr + 1e-300) * eye
+        step = -np.linalg.solve(Hz, grad[..., None])[..., 0]
+        trial = zl[:, None, :] + steps[:, None] * step[:, None, :]  # (l, T, r)
+        ft = F(live, trial)
         j = np.argmin(ft, axis=-1)
-        fj = np.take_along_axis(ft, j[..., None], -1)[..., 0]
-        better = fj < f
-        c = np.where(better[..., None], np.take_along_axis(trial, j[..., None, None], -2)[..., 0, :], c)
-        f = np.where(better, fj, f)
-        if not better.any():
+        fj = ft[np.arange(live.size), j]
+        better = fj < f[live]
+        upd = live[better]
+        z[upd] = trial[better, j[better]]
+        f[upd] = fj[better]
+        live = upd
+        if live.size == 0:
             break
-    return c
+    # the kinks of the p = 1 terms that lie on the subspace
+    zk = -np.einsum("mdr,mkd->mkr", N, w)  # (m, k, r)
+    resid = _norm(w + np.einsum("mdr,mkr->mkd", N, zk))
+    on = (resid <= 1e-12 * L[:, None]) & (p == 1.0)
+    if on.any():
+        fk = np.where(on, F(allm, zk), np.inf)
+        jk = np.argmin(fk, axis=-1)
+        fkj = fk[allm, jk]
+        use = fkj < f
+        z[use] = zk[use, jk[use]]
+        f[use] = fkj[use]
+    return x0 + np.einsum("mdr,mr->md", N, z), f
 
 
 def _softmax(est: Params, truth: Truth, spec: RbarSpec) -> _Detail:
