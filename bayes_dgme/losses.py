@@ -53,7 +53,10 @@ RBAR: Mapping[int, int] = MappingProxyType({2: 4, 3: 6})
 #: a mapping ``m -> r̄(m)`` (sizes missing from it fall back to the default), or a callable ``m -> r̄(m)``.
 RbarSpec = Mapping[int, float] | Callable[[int], float] | None
 
-#: Bisection halvings per piece of the one-covariate search (d = 1).
+#: d = 1 has two exact searches: the one for every d (`_ExactSearch`, J^k assignments per draw) is the
+#: faster up to about this many assignments, the piecewise one (`_minimise_1d`, ~k J^2 breakpoints per
+#: draw) above; the latter's bisection halvings per piece.
+_MAX_ASSIGNMENTS_1D = 2048
 _BISECT_ITERS = 70
 #: The search for d >= 2 (`_ExactSearch`): (draws x assignments) handled per chunk, damped Newton
 #: iterations and step lengths (1, 1/2, ..., 2^-(n-1)) per face, feasibility tolerance relative to the
@@ -61,7 +64,7 @@ _BISECT_ITERS = 70
 _EXACT_CHUNK = 200_000
 _NEWTON_ITERS = 60
 _LINE_STEPS = 12
-_FEAS_TOL = 1e-11
+_FEAS_TOL = 1e-12
 
 
 # ----------------------------------------------------------------------------------------------- r̄
@@ -336,7 +339,7 @@ class _Softmax:
     # -------------------------------------------------------------- the global minimum over c1
     def minimise(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return ``(loss, c1, cells)`` at the minimising translation (the infimum over c1)."""
-        if self.d == 1:
+        if self.d == 1 and self.J**self.k > _MAX_ASSIGNMENTS_1D:
             return self._minimise_1d()
         return self._minimise_exact()
 
@@ -395,9 +398,9 @@ class _Softmax:
             a = np.where(up, a, mid)
         xm = lo.copy()
         xm[need] = 0.5 * (a + c)
-        # the piece minimum and both ends, moved 1e-10 (relative) inside the piece: there the cells are the
+        # the piece minimum and both ends, moved 1e-11 (relative) inside the piece: there the cells are the
         # piece's, so the value is the loss at that translation (the infimum approached from inside)
-        eps = np.minimum(1e-10 * (1.0 + np.max(np.abs(s), axis=-1, keepdims=True)), (hi - lo) / 2.0)
+        eps = np.minimum(1e-11 * (1.0 + np.max(np.abs(s), axis=-1, keepdims=True)), (hi - lo) / 2.0)
         cand = np.clip(np.stack([xm, lo, hi], axis=-1), (lo + eps)[..., None], (hi - eps)[..., None])
         Gc = np.stack([self.value(parts, cand[..., q, None]) for q in range(3)], axis=-1)
         q_best = np.argmin(Gc, axis=-1)[..., None]
@@ -460,6 +463,9 @@ class _ExactSearch:
         self.r = self.exps[m_i]
         self.p = np.where(self.single, 1.0, self.r)  # exponent of each gate-slope term
         self.offsets = np.arange(1, J)
+        # flat index of (atom i, cell σ(i), size of that cell) into the table of `_base`
+        self.tidx = (np.arange(k) * J + self.sig) * k + (m_i - 1)  # (S, k)
+        self.onehot_flat = self.onehot.transpose(1, 0, 2).reshape(k, -1)  # (k, S J)
 
     # ---------------------------------------------------------------- pieces of G_σ
     def _expert_terms(self, b: np.ndarray, cell: np.ndarray, single: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -473,6 +479,20 @@ class _ExactSearch:
         """``Σ_j |Σ_{A_j} ω_i − ω*_j|`` for draws ``b`` and one-hot cells ``s + (k, J)``."""
         S = np.einsum("...k,...kj->...j", self.omega[b], onehot)
         return _sum_last(np.abs(S - self.w_true))
+
+    def _base(self, draws: np.ndarray) -> np.ndarray:
+        """``M_σ + Σ_i ω_i K_i`` (the part of ``G_σ`` that does not depend on c1) for every assignment:
+        ``(len(draws), S)``. The expert terms come from a table over (atom, cell, cell size) gathered by
+        assignment, the cell masses from one matrix product."""
+        k, J = self.k, self.J
+        om = self.omega[draws]  # (n, k)
+        da, db, dv = (x[draws][..., None] for x in (self.A, self.Bd, self.V))  # (n, k, J, 1)
+        r = self.exps[np.arange(1, k + 1)]  # (k,) by cell size m = 1..k
+        K = np.where(np.arange(1, k + 1) == 1, da + db + dv, db**r + da ** (r / 2) + dv ** (r / 2))  # (n, k, J, k)
+        T = (om[:, :, None, None] * K).reshape(draws.size, -1)
+        expert = np.take(T, self.tidx, axis=1)  # (n, S, k)
+        masses = (om @ self.onehot_flat).reshape(draws.size, -1, J)  # (n, S, J)
+        return _sum_last(np.abs(masses - self.w_true)) + _sum_last(expert)
 
     def value_at(self, b: np.ndarray, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The loss at translations ``c`` (``(m, d)``) for draws ``b`` (``(m,)``), cells by the tie rule."""
@@ -538,7 +558,7 @@ class _ExactSearch:
         S = self.sig.shape[0]
         bb = np.broadcast_to(draws[:, None], (draws.size, S))
         ss = np.broadcast_to(np.arange(S), (draws.size, S))
-        base = self._mass_terms(bb, self.onehot) + self._expert_terms(bb, self.sig, self.single, self.r)
+        base = self._base(draws)
         # cheapest first: attained values from the assignments with the smallest lower bounds come early
         keep = base < U[bb]
         b, s, LB = bb[keep], ss[keep], base[keep]
@@ -638,9 +658,11 @@ def _affine_minimum(u, om, p, x0, N, L):
     m, _, d = w.shape
     rdim = N.shape[-1]
 
-    def F(idx, z):  # z: (len(idx), q, r) -> (len(idx), q)
+    def F(idx, z):  # z: (len(idx), q, r) -> (len(idx), q); a trial step that overflows counts as +inf
         y = w[idx][:, None] + np.einsum("mdr,mqr->mqd", N[idx], z)[:, :, None, :]
-        return _sum_last(om[idx][:, None] * _norm(y) ** p[idx][:, None])
+        with np.errstate(over="ignore", invalid="ignore"):
+            val = _sum_last(om[idx][:, None] * _norm(y) ** p[idx][:, None])
+        return np.where(np.isnan(val), np.inf, val)
 
     allm = np.arange(m)
     if rdim == 0:
@@ -668,7 +690,16 @@ def _affine_minimum(u, om, p, x0, N, L):
         Hz = np.einsum("mdr,mde,mes->mrs", Nl, Hy, Nl)
         tr = np.trace(Hz, axis1=-2, axis2=-1)[:, None, None] / rdim
         Hz = Hz + (1e-12 * tr + 1e-300) * eye
-        newton = -np.linalg.solve(Hz, grad[..., None])[..., 0]
+        with np.errstate(over="ignore", invalid="ignore"):
+            newton = -np.linalg.solve(Hz, grad[..., None])[..., 0]
+            nn = _norm(newton)
+        # the minimiser lies within the hull of the points where the terms vanish, so no step needs to be
+        # longer than a few times max_i ‖y_i‖ (a nearly flat Hessian would ask for more)
+        cap = 4.0 * np.max(_norm(y), axis=-1) + 1e-9 * L[live]
+        bad = ~np.isfinite(nn)
+        newton = np.where(bad[:, None], -grad, newton)
+        nn = np.where(bad, _norm(newton), nn)
+        newton = newton * np.minimum(1.0, cap / np.maximum(nn, 1e-300))[:, None]
         gn = np.maximum(_norm(grad), 1e-300)
         descent = -grad * (_norm(newton) / gn)[:, None]
         dirs = np.stack([newton, descent], axis=1)  # (l, 2, r)
@@ -763,34 +794,36 @@ def voronoi_loss(est: Params, truth: Truth, rbar: RbarSpec = None) -> np.ndarray
     or ``r̄ ≥ 1``, so ``G_σ`` is convex. ``G`` jumps across boundaries; the infimum is the smallest, over
     the assignments that occur, of ``min G_σ`` over the closure of ``P_σ``.
 
-    - ``d = 1`` (exact): the line is cut at every alignment ``β1*_j − β1_i`` and every cell boundary. On
-      each piece the cells are fixed and each gate-slope term keeps its sign, so ``G_σ`` is convex and
-      smooth inside; its minimum on the closed piece is found by bisection on the derivative (70
-      halvings, ~1e-15 relative). Beyond the outermost breakpoints every term is monotone, so those
-      pieces attain their infimum at their inner end. The breakpoints are evaluated too. A piece's
-      minimum is moved ``1e-10`` (relative) inside the piece, so that the value reported is the loss at
-      the returned translation (tie rule included), within ~1e-9 relative of the infimum (measured).
-    - ``d ≥ 2`` (exact): every assignment ``σ`` (``J^k`` of them) is visited, and ``min G_σ`` over the
-      closed ``P_σ`` is found by an active-face recursion. Minimise ``G_σ`` over the affine hull of the
-      current face (first all of ``R^d``). If the minimiser satisfies every constraint of ``P_σ`` it is the
-      minimum over ``P_σ`` ∩ face. If not, that minimum lies on a facet whose constraint the minimiser
-      violates: the segment from a constrained minimiser ``x*`` towards the unconstrained one ``x̂``
-      leaves ``P_σ`` through a constraint active at ``x*`` and violated at ``x̂``, and ``G_σ`` does not
-      increase along it, by convexity. So recurse on each violated constraint, adding it to the face
-      (``d`` levels at most; a face that is a point is checked directly). Each sub-problem minimises a
-      convex function over an affine subspace: damped Newton steps (the best of 12 step lengths, plus a
-      steepest-descent step that leaves a kink ``β1_i + c1 = β1*_j`` of a singleton term when it is not
-      the minimiser) and the kinks themselves as candidates; ~1e-12 relative. Pruning never loses the
-      minimum: ``M_σ + Σ ω_i K_i`` bounds ``G_σ`` from below, a face's minimum bounds its sub-faces', and a
-      branch is dropped only when its bound reaches a loss already *attained* at some translation
-      (starting with the best alignment). No bounding box is needed: with ``λ > 0`` every ``G_σ`` grows
-      without bound. Each minimiser found on the closure is moved ``~1e-10`` (relative) into its region,
-      off every active constraint, and the loss is evaluated there with the tie rule: the value reported
-      is the loss at the returned translation, within ~1e-9 relative of the infimum (measured). (A
-      region without interior, which needs exact coincidences of the parameters, is evaluated at the
-      closure point.)
-      Everything is vectorised over (draw, assignment, face); the ``J^k`` assignments are handled in
-      chunks of draws. Tested against independent brute forces (``d = 2`` and ``d = 3``) to 1e-6.
+    - ``d ≥ 2``, and ``d = 1`` up to 2048 assignments (exact): every assignment ``σ`` (``J^k`` of them)
+      is visited, and ``min G_σ`` over the closed ``P_σ`` is found by an active-face recursion. Minimise
+      ``G_σ`` over the affine hull of the current face (first all of ``R^d``). If the minimiser satisfies
+      every constraint of ``P_σ``, it is the minimum over ``P_σ`` ∩ face. If not, that minimum lies on a
+      facet whose constraint the minimiser violates: the segment from a constrained minimiser ``x*``
+      towards the unconstrained one ``x̂`` leaves ``P_σ`` through a constraint active at ``x*`` and
+      violated at ``x̂``, and ``G_σ`` does not increase along it, by convexity. So recurse on each
+      violated constraint, adding it to the face (``d`` levels at most; a face that is a point is checked
+      directly). Each sub-problem minimises a convex function over an affine subspace: damped Newton
+      steps (the best of 12 step lengths, plus a steepest-descent step that leaves a kink
+      ``β1_i + c1 = β1*_j`` of a singleton term when it is not the minimiser) and the kinks themselves
+      as candidates; ~1e-12 relative. Pruning never loses the minimum: ``M_σ + Σ ω_i K_i`` bounds
+      ``G_σ`` from below, a face's minimum bounds its sub-faces', and a branch is dropped only when its
+      bound reaches a loss already *attained* at some translation (starting with the best alignment).
+      No bounding box is needed: with ``λ > 0`` every ``G_σ`` grows without bound. Each minimiser found
+      on the closure is moved ``~1e-11`` (relative) into its region, off every active constraint, and
+      the loss is evaluated there with the tie rule: the value reported is the loss at the returned
+      translation, within ~1e-10 relative of the infimum (measured). (A region without interior, which
+      needs exact coincidences of the parameters, is evaluated at the closure point.) Everything is
+      vectorised over (draw, assignment, face); the ``J^k`` assignments are handled in chunks of draws,
+      so the cost grows like ``J^k`` per draw. Tested against independent brute forces (``d = 2`` and
+      ``d = 3``) to 1e-6.
+    - ``d = 1`` with more than 2048 assignments (exact, and there the faster): the line is cut at every
+      alignment ``β1*_j − β1_i`` and every cell boundary. On each piece the cells are fixed and each
+      gate-slope term keeps its sign, so ``G_σ`` is convex and smooth inside; its minimum on the closed
+      piece is found by bisection on the derivative (70 halvings, ~1e-15 relative). Beyond the outermost
+      breakpoints every term is monotone, so those pieces attain their infimum at their inner end. The
+      alignments are evaluated too. A piece's minimum is moved ``1e-11`` (relative) inside the piece,
+      so that the value reported is the loss at the returned translation (tie rule included). The two
+      searches agree to ~1e-15 where both apply (tested).
 
     Everything is built from differences of gate slopes and normalised gates, so the result is invariant
     to shifting either side's ``β0`` or ``β1`` and to relabelling.

@@ -735,6 +735,24 @@ def test_softmax_d1_matches_brute_force(seed):
     assert ref_softmax_loss_at(est, truth, c1) == pytest.approx(got, rel=1e-9, abs=1e-12)
 
 
+def test_softmax_d1_two_exact_searches_agree(monkeypatch):
+    """d = 1 has two exact searches: every assignment's interval (the search for every d, used up to 2048
+    assignments) and the piecewise line search (used above). They agree on random and over-fitted
+    batches, and the piecewise search's translation is a witness too."""
+    rng = np.random.default_rng(21)
+    for ks, k in ((1, 3), (2, 2), (2, 4), (3, 3), (3, 5)):
+        truth = random_truth(rng, ks, 1, gating="softmax")
+        est = bd.Params(**random_params(rng, k, 1, batch=(40,), gating="softmax", spread=1.5))
+        general = bd.voronoi_loss(est, truth)
+        monkeypatch.setattr(bd.losses, "_MAX_ASSIGNMENTS_1D", 0)
+        piecewise = bd.voronoi_loss(est, truth)
+        c1 = bd.voronoi_cells(est, truth).translation
+        monkeypatch.undo()
+        np.testing.assert_allclose(piecewise, general, rtol=1e-9, atol=1e-12)
+        for b in range(0, 40, 8):
+            assert ref_softmax_loss_at(est[b], truth, c1[b]) == pytest.approx(piecewise[b], rel=1e-9, abs=1e-12)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_softmax_d2_matches_brute_force(seed):
     rng = np.random.default_rng(100 + seed)
