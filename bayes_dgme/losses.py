@@ -62,6 +62,8 @@ _BISECT_ITERS = 70
 #: iterations and step lengths (1, 1/2, ..., 2^-(n-1)) per face, feasibility tolerance relative to the
 #: gate-slope scale.
 _EXACT_CHUNK = 200_000
+#: d >= 2: at most this many assignments k*^k (the table of assignments is held in memory).
+_MAX_ASSIGNMENTS = 200_000
 _NEWTON_ITERS = 60
 _LINE_STEPS = 12
 _FEAS_TOL = 1e-12
@@ -341,6 +343,12 @@ class _Softmax:
         """Return ``(loss, c1, cells)`` at the minimising translation (the infimum over c1)."""
         if self.d == 1 and self.J**self.k > _MAX_ASSIGNMENTS_1D:
             return self._minimise_1d()
+        if self.J**self.k > _MAX_ASSIGNMENTS:
+            raise ValueError(
+                f"k: the softmax loss with d={self.d} covariates is minimised over c1 exactly by visiting all "
+                f"k*^k assignments of fitted to true atoms; k={self.k} fitted for k*={self.J} true experts gives "
+                f"{self.J**self.k}, above the limit {_MAX_ASSIGNMENTS} (memory); fit fewer experts"
+            )
         return self._minimise_exact()
 
     def _best(self, G: np.ndarray, c: np.ndarray, cells: np.ndarray):
@@ -776,8 +784,8 @@ def voronoi_loss(est: Params, truth: Truth, rbar: RbarSpec = None) -> np.ndarray
     ------
     ValueError
         If ``est`` and ``truth`` disagree on ``d`` (field ``slopes``) or gating (field ``gating``), if
-        ``truth`` is not a `Truth`, if g0 is non-distinguishable with softmax gating (no loss defined), or
-        if ``rbar`` is invalid.
+        ``truth`` is not a `Truth`, if g0 is non-distinguishable with softmax gating (no loss defined), if
+        ``rbar`` is invalid, or (softmax, ``d ≥ 2``) if ``k*^k`` exceeds 200,000 assignments (field ``k``).
 
     Notes
     -----

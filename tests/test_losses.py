@@ -694,21 +694,24 @@ def test_constant_far_experts_unbounded():
     assert np.all(np.diff(out) > 0) and out[-1] > 100
 
 
-def test_softmax_equals_d1_when_gate_slopes_are_zero(rng):
+@pytest.mark.parametrize("d", [1, 3])
+def test_softmax_equals_d1_when_gate_slopes_are_zero(rng, d):
     """With every gate slope 0 the best c1 is 0 and the loss is D1 with weights softmax(β0) (singleton
-    cells: identical to D1; a two-atom cell: D1 with ‖Δa‖^(r̄/2) instead of ‖Δa‖^r̄)."""
+    cells: identical to D1; a two-atom cell: D1 with ‖Δa‖^(r̄/2) instead of ‖Δa‖^r̄). All true gate
+    slopes are equal: the cells do not depend on c1 at all."""
+    known = StudentTExpert(slope=np.zeros(d), intercept=0.0, scale=1.0, df=3.0)
     for k_est in (2, 3):
-        fields = random_params(rng, 2, 1, gating="softmax", spread=2.0)
-        fields["gate_slopes"] = np.zeros((2, 1))
-        truth = bd.Truth(**fields, known=T_KNOWN)
-        est_f = random_params(rng, k_est, 1, gating="softmax", spread=2.0)
-        est_f["gate_slopes"] = np.zeros((k_est, 1))
+        fields = random_params(rng, 2, d, gating="softmax", spread=2.0)
+        fields["gate_slopes"] = np.zeros((2, d))
+        truth = bd.Truth(**fields, known=known)
+        est_f = random_params(rng, k_est, d, gating="softmax", spread=2.0)
+        est_f["gate_slopes"] = np.zeros((k_est, d))
         est = bd.Params(**est_f)
         got = bd.voronoi_loss(est, truth)
-        assert float(bd.voronoi_cells(est, truth).translation[0]) == pytest.approx(0.0, abs=1e-9)
+        np.testing.assert_allclose(bd.voronoi_cells(est, truth).translation, 0.0, atol=1e-9)
         # D1 by the plain loop on constant-gating twins, with the a-exponent r̄/2 in multi-atom cells
         c_truth = bd.Truth(lam=truth.lam, weights=ref_softmax(truth), slopes=truth.slopes, intercepts=truth.intercepts,
-                           variances=truth.variances, known=T_KNOWN)
+                           variances=truth.variances, known=known)
         c_est = bd.Params(lam=est.lam, weights=ref_softmax(est), slopes=est.slopes, intercepts=est.intercepts,
                           variances=est.variances)
         want, cells = ref_constant_loss(c_est, c_truth)
@@ -716,9 +719,22 @@ def test_softmax_equals_d1_when_gate_slopes_are_zero(rng):
             if len(members) >= 2:
                 r = ref_rbar(len(members))
                 for i in members:
-                    da = abs(est.slopes[i, 0] - truth.slopes[j, 0])
+                    da = float(np.linalg.norm(est.slopes[i] - truth.slopes[j]))
                     want += float(est.lam) * ref_softmax(est)[i] * (da ** (r / 2) - da**r)
         assert got == pytest.approx(want, rel=1e-10, abs=1e-14)
+
+
+def test_softmax_too_many_assignments_for_d2_raises():
+    """d >= 2 visits all k*^k assignments: 3^12 is refused with a plain message naming k (d = 1 is not
+    limited: its piecewise search takes any size)."""
+    rng = np.random.default_rng(5)
+    truth = random_truth(rng, 3, 2, gating="softmax")
+    est = bd.Params(**random_params(rng, 12, 2, gating="softmax"))
+    with pytest.raises(ValueError, match=r"k: .* k=12 .* k\*=3 .* 531441"):
+        bd.voronoi_loss(est, truth)
+    truth1 = random_truth(rng, 3, 1, gating="softmax")
+    est1 = bd.Params(**random_params(rng, 12, 1, gating="softmax"))
+    assert np.isfinite(bd.voronoi_loss(est1, truth1))
 
 
 # ----------------------------------------------------------------------------------- softmax: brute force
