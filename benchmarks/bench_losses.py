@@ -5,8 +5,9 @@ Run:  .venv/bin/python benchmarks/bench_losses.py [--draws 4000] [--repeat 7]
 
 Targets (issue 3): at least 100x faster than the loop and under 20 ms (constant gating, D1 and D2, d = 1).
 The softmax loss (exact global minimum over the gate-slope translation c1) is timed too, without a
-target, for d = 1 (piecewise search), d = 2 and d = 3 (the search over every assignment's polyhedron,
-J^k = 8 assignments), and d = 3 with k = 4 fitted experts for k* = 3 (81 assignments).
+target, for d = 1, 2 and 3 (the search over every assignment's polyhedron, J^k = 8 assignments; d = 1
+uses the piecewise line search only above 2048 assignments), and d = 3 with k = 4 fitted experts for
+k* = 3 (81 assignments).
 The loop calls the same public function once per draw on per-draw `Params` built *before* the clock
 starts, so it measures loss calls only. Timings are the best of ``--repeat`` runs (the loop: best of 3,
 or of 1 for the slow softmax rows) with `time.perf_counter`. On a shared machine compare the ratio, not
