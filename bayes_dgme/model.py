@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
+from pymc.logprob.transforms import Transform
 
 from .bounds import Bounds
 from .data import check_data, covariate_names
@@ -341,6 +342,106 @@ def _make_fused_random(known: KnownFunction, gating: str):
     return random
 
 
+# ---------------------------------------------------------------------------------------------- mixing transforms
+_HALF_LOG_2PI = 0.5 * _LOG_2PI
+
+
+#: Below this, `log_ndtr` uses the asymptotic series (``erfc`` underflows near -37).
+_NDTR_TAIL = -30.0
+
+
+def log_ndtr(u):
+    """``log Φ(u)`` (symbolic), to about machine precision on the whole line.
+
+    ``log1p(-erfc(u/√2)/2)`` for ``u > 0``, ``log(erfc(-u/√2)/2)`` down to ``-30`` and the asymptotic
+    series ``-u²/2 - log(-u√(2π)) + log(1 - u⁻² + 3u⁻⁴ - 15u⁻⁶ + 105u⁻⁸)`` below (relative error
+    under ``1e-12`` there). ``erfc`` rather than ``erfcx``, whose C implementation in PyTensor is only
+    accurate to ``~1e-8``. Each branch gets an input clipped to its range, so that the branch not
+    taken stays finite and its gradient does not poison ``switch`` with ``0 · nan``.
+    """
+    u = pt.as_tensor(u)
+    pos = pt.maximum(u, 0.0)
+    mid = pt.clip(u, _NDTR_TAIL, 0.0)
+    tail = pt.minimum(u, _NDTR_TAIL)
+    r = 1.0 / pt.sqr(tail)
+    series = 1.0 + r * (-1.0 + r * (3.0 + r * (-15.0 + 105.0 * r)))
+    return pt.switch(
+        pt.gt(u, 0.0), pt.log1p(-0.5 * pt.erfc(pos / np.sqrt(2.0))),
+        pt.switch(pt.ge(u, _NDTR_TAIL), pt.log(0.5 * pt.erfc(-mid / np.sqrt(2.0))),
+                  -0.5 * pt.sqr(tail) - pt.log(-tail) - _HALF_LOG_2PI + pt.log(series)))
+
+
+class ProbitTransform(Transform):
+    """``λ = Φ(u)``: the unconstrained coordinate of a variable in ``(0, 1)``.
+
+    ``log |dλ/du| = log φ(u)``, so a ``Beta(a, b)`` prior has density ``∝ Φ(u)^a Φ(−u)^b e^{-u²/2}``
+    up to the ``(a-1, b-1)`` powers: Gaussian tails with variances ``1/a`` and ``1/b`` (``Beta(1, 1)``
+    is exactly ``u ~ Normal(0, 1)``), where the log-odds coordinate has exponential tails.
+    """
+
+    name = "probit"
+    ndim_supp = 0
+
+    def forward(self, value, *inputs):
+        return pt.ndtri_exp(pt.log(value))
+
+    def backward(self, value, *inputs):
+        return pt.exp(log_ndtr(value))
+
+    def log_jac_det(self, value, *inputs):
+        return -0.5 * pt.sqr(value) - _HALF_LOG_2PI
+
+
+class ProbitStickBreaking(Transform):
+    """Weights on the simplex from ``k - 1`` unconstrained coordinates by probit stick-breaking.
+
+    ``w_j = Φ(u_j) Π_{l<j} Φ(−u_l)`` for ``j < k`` and ``w_k = Π_{l<k} Φ(−u_l)``, computed in log
+    space (an emptied weight of ``1e-300`` is still exact). A ``Dirichlet(α)`` prior is, in these
+    coordinates, independent ``Beta(α_j, Σ_{l>j} α_l)`` laws of the fractions ``Φ(u_j)``, each with
+    Gaussian tails in ``u_j``; the default simplex transform (centred log-ratio) gives an emptied
+    weight the tail ``∝ w^α``, linear in its coordinate, whose nearly constant gradient misleads
+    nutpie's mass-matrix adaptation (``var(draws) / var(gradients)``) and strands chains.
+
+    ``log |∂(w_1..w_{k-1}) / ∂u| = Σ_j [log φ(u_j) + Σ_{l<j} log Φ(−u_l)]`` (stick-breaking's
+    triangular Jacobian times the probit's).
+    """
+
+    name = "probit_stick_breaking"
+    ndim_supp = 1
+
+    @staticmethod
+    def _log_parts(u):
+        log_v = log_ndtr(u)  # log fraction taken at each break
+        log_rest = log_ndtr(-u)  # log fraction left
+        # log of the stick left before break j (exclusive cumulative sum), and after the last break
+        cum = pt.cumsum(log_rest, axis=-1)
+        before = pt.concatenate([pt.zeros_like(cum[..., :1]), cum[..., :-1]], axis=-1)
+        return log_v, before, cum[..., -1:]
+
+    def forward(self, value, *inputs):
+        value = pt.as_tensor(value)
+        tail = pt.cumsum(value[..., ::-1], axis=-1)[..., ::-1]  # Σ_{l ≥ j} w_l
+        return pt.ndtri_exp(pt.log(value[..., :-1]) - pt.log(tail[..., :-1]))
+
+    def backward(self, value, *inputs):
+        log_v, before, last = self._log_parts(pt.as_tensor(value))
+        log_w = pt.concatenate([log_v + before, last], axis=-1)
+        # the parts sum to 1 exactly in theory; normalising removes the rounding of Φ(u) + Φ(−u)
+        return pt.exp(log_w - pt.logsumexp(log_w, axis=-1, keepdims=True))
+
+    def log_jac_det(self, value, *inputs):
+        value = pt.as_tensor(value)
+        _, before, _ = self._log_parts(value)
+        return pt.sum(-0.5 * pt.sqr(value) - _HALF_LOG_2PI + before, axis=-1)
+
+
+def mixing_transforms(priors: Priors) -> dict[str, Any]:
+    """Value transforms of ``lam`` and ``weights`` (`Priors.mixing_transform`; PyMC's defaults in MLE mode)."""
+    if priors.mle or priors.mixing_transform == "logit":
+        return {"lam": {}, "weights": {}}
+    return {"lam": {"default_transform": ProbitTransform()}, "weights": {"default_transform": ProbitStickBreaking()}}
+
+
 # ---------------------------------------------------------------------------------------------- model
 def _std_normal_dist(size):
     return pm.Normal.dist(0.0, 1.0, size=size)
@@ -471,10 +572,11 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
         variance_scale = pm.Data("variance_scale", data["variance_scale"])
 
         # deviation proportion
+        mixing = mixing_transforms(priors)
         if mle:
             lam = pm.Uniform("lam", 0.0, 1.0)
         else:
-            lam = pm.Beta("lam", priors.lam_alpha, priors.lam_beta)
+            lam = pm.Beta("lam", priors.lam_alpha, priors.lam_beta, **mixing["lam"])
         log_lam, log_1m_lam = pt.log(lam), pt.log1p(-lam)
 
         # gates
@@ -484,7 +586,7 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
                 log_w = pt.stack([log_1m_lam, log_lam])
             else:
                 alpha = 1.0 if mle else priors.dirichlet_alpha
-                weights = pm.Dirichlet("weights", np.full(k, alpha), dims="expert")
+                weights = pm.Dirichlet("weights", np.full(k, alpha), dims="expert", **mixing["weights"])
                 log_w = pt.concatenate([pt.shape_padleft(log_1m_lam), log_lam + pt.log(weights)])
             gate_b0 = pt.zeros((k,))
             gate_b1 = pt.zeros((k, d))

@@ -8,10 +8,13 @@ from typing import Any
 from .bounds import Bounds
 from .validation import check_positive
 
-__all__ = ["ORDERINGS", "Priors"]
+__all__ = ["MIXING_TRANSFORMS", "ORDERINGS", "Priors"]
 
 #: Ordering constraints that limit label switching: ``"none"`` or the parameter kept increasing.
 ORDERINGS = ("none", "intercepts")
+
+#: Unconstrained coordinates in which the sampler moves λ and the weights (the prior is the same).
+MIXING_TRANSFORMS = ("probit", "logit")
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,15 @@ class Priors:
     bounds : Bounds or dict
         Box bounds that make the parameter space compact (DESIGN.md 4.5); priors are truncated to
         them. Default: unbounded. A mapping is read with `Bounds.from_dict`.
+    mixing_transform : {"probit", "logit"}
+        The unconstrained coordinates the sampler moves λ and the weights in; the prior (and the
+        posterior) is the same either way, an exact change of variables. ``"probit"`` (default):
+        ``λ = Φ(u)`` and stick-breaking weights with fractions ``Φ(u_j)`` (`bayes_dgme.model`), where
+        the prior has Gaussian tails in every coordinate, so an emptied expert's weight stays within
+        a few units of the sampler's scale; ``"logit"``: PyMC's defaults (log-odds λ, centred
+        log-ratio simplex), where an emptied weight has an exponential tail (the former
+        parameterisation, kept for comparison). MLE mode always uses ``"logit"`` (the MAP point is
+        computed without Jacobians, and an optimiser should not chase ``Φ(u) → 0``).
     """
 
     lam_alpha: float = 1.0
@@ -52,6 +64,7 @@ class Priors:
     order: str = "none"
     mle: bool = False
     bounds: Bounds = field(default_factory=Bounds)
+    mixing_transform: str = "probit"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bounds, Bounds):
@@ -63,6 +76,9 @@ class Priors:
                 check_positive(f"priors.{name}", getattr(self, name))
         if self.order not in ORDERINGS:
             raise ValueError(f"priors.order: unknown ordering {self.order!r}; choose one of {list(ORDERINGS)}")
+        if self.mixing_transform not in MIXING_TRANSFORMS:
+            raise ValueError(f"priors.mixing_transform: unknown transform {self.mixing_transform!r}; "
+                             f"choose one of {list(MIXING_TRANSFORMS)}")
         if not isinstance(self.mle, bool):
             raise ValueError(f"priors.mle: expected true or false, got {self.mle!r}")
 
@@ -89,6 +105,8 @@ class Priors:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if v is not None and k != "bounds"}
+        if self.mixing_transform == "probit":  # the default: scenario files written before it stay equal
+            del out["mixing_transform"]
         if not self.bounds.is_unbounded:
             out["bounds"] = self.bounds.to_dict()
         return out

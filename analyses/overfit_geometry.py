@@ -1,0 +1,186 @@
+"""Where over-fitted posteriors lose time and mix poorly (issue #12, item 3).
+
+Fits ``d1_over`` and ``d2_over`` (k = 3 experts for k* = 2) at one sample size over a few seeds with
+the package's one fitting path (`bayes_dgme.fit_scenario`: EM start, nutpie, 2 chains) and prints,
+per fit, what the sampler saw and where the posterior's geometry sits:
+
+* convergence of the label-invariant quantities (λ, total log-likelihood, Voronoi loss: R-hat, bulk
+  ESS) beside the worst label-dependent parameter (`bayes_dgme.diagnostics.check`);
+* divergences, mean tree depth, the share of transitions that hit the maximum depth, step size,
+  sampling time;
+* the surplus atom: per chain, the smallest weight, and whether the atoms are "emptied" (one weight
+  below ``EMPTY``), "merged" (two atoms closer than ``MERGE`` in the standardised ``(a, b, √v)``
+  space) or "split" (three distinct atoms with mass);
+* the λ–weights ridge: the posterior correlation, within chains, of ``logit λ`` with ``log w_min``
+  (constant gating: the likelihood sees only ``λ w_i``);
+* label switching: whether the chains' expert labels differ (R-hat of the weights sorted by size vs.
+  unsorted);
+* where the divergent transitions sit (λ, smallest weight, variance of the lightest expert).
+
+``--compare`` runs each fit twice on the same data and seed: with the model's default
+parameterisation and with ``Priors(mixing="lambda_weights")`` (the former one), and prints both.
+
+Run::
+
+    PYTHONPATH=. python analyses/overfit_geometry.py [--n 2000] [--seeds 0 1 2] [--compare]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+import warnings
+
+import numpy as np
+import pandas as pd
+
+import bayes_dgme as bd
+from bayes_dgme.diagnostics import check, invariant_draws
+
+#: A weight below this is an emptied expert.
+EMPTY = 0.02
+#: Two atoms closer than this (Euclidean, in data-standardised (a, b, sqrt v)) are merged.
+MERGE = 0.25
+
+
+def _arr(tree, name):
+    return np.asarray(tree["posterior"][name].values, dtype=float)
+
+
+def _configuration(w, a, b, v, scale):
+    """Per draw: "emptied", "merged" or "split" (w, b, v: (..., k); a: (..., k, d))."""
+    z = np.concatenate([a / scale["a"], (b / scale["b"])[..., None], (np.sqrt(v) / scale["s"])[..., None]], -1)
+    k = w.shape[-1]
+    dmin = np.full(w.shape[:-1], np.inf)
+    for i in range(k):
+        for j in range(i + 1, k):
+            dmin = np.minimum(dmin, np.linalg.norm(z[..., i, :] - z[..., j, :], axis=-1))
+    empty = w.min(-1) < EMPTY
+    return np.where(empty, "emptied", np.where(dmin < MERGE, "merged", "split"))
+
+
+def geometry(fit, truth, label: str) -> dict:
+    """One row of the table for a fitted posterior."""
+    import arviz as az
+
+    tree = fit.tree
+    stats = tree["sample_stats"]
+    div = np.asarray(stats["diverging"].values, dtype=bool)
+    depth = np.asarray(stats["depth"].values, dtype=float)
+    maxdepth = np.asarray(stats["maxdepth_reached"].values, dtype=bool) if "maxdepth_reached" in stats else None
+    step = np.asarray(stats["step_size"].values, dtype=float)
+    lam = _arr(tree, "lam")
+    w = _arr(tree, "weights")
+    a = _arr(tree, "slopes")
+    b = _arr(tree, "intercepts")
+    v = _arr(tree, "variances")
+    Y = np.asarray(tree["observed_data"]["y"].values, dtype=float)
+    scale = {"a": 1.0, "b": float(Y.std()), "s": float(Y.std())}
+    table = check(tree, truth)
+    inv = invariant_draws(tree, truth)
+    loss = np.asarray(inv["voronoi_loss"].values, dtype=float)
+
+    def row(q, col):
+        r = table[table["quantity"] == q]
+        return float(r[col].iloc[0]) if len(r) else np.nan
+
+    # label switching: R-hat of the weights as labelled vs. sorted by size (label-free)
+    import xarray as xr
+
+    ws = xr.Dataset({"w": (("chain", "draw", "e"), np.sort(w, -1))})
+    rhat_sorted = float(np.nanmax(az.rhat(ws, sample_dims=["chain", "draw"])["w"].values))
+    wmin = w.min(-1)
+    conf = _configuration(w, a, b, v, scale)
+    per_chain = []
+    for c in range(lam.shape[0]):
+        vals, counts = np.unique(conf[c], return_counts=True)
+        top = vals[np.argmax(counts)]
+        per_chain.append(f"{top}{100 * counts.max() / conf[c].size:.0f}%")
+    # ridge: within-chain correlation of logit(lam) and log(min weight)
+    corr = np.mean([np.corrcoef(np.log(lam[c] / (1 - lam[c])), np.log(wmin[c]))[0, 1] for c in range(lam.shape[0])])
+    # where the divergences sit
+    where = ""
+    if div.any():
+        light = np.argmin(w, -1)
+        vl = np.take_along_axis(v, light[..., None], -1)[..., 0]
+        where = (f"lam {np.median(lam[div]):.2f} wmin {np.median(wmin[div]):.3f} "
+                 f"v_light {np.median(vl[div]):.3g}")
+    return {
+        "fit": label,
+        "div": int(div.sum()),
+        "rhat_loss": row("voronoi_loss", "rhat"),
+        "ess_loss": row("voronoi_loss", "ess_bulk"),
+        "rhat_lam": row("lam", "rhat"),
+        "ess_lam": row("lam", "ess_bulk"),
+        "rhat_ll": row("loglik", "rhat"),
+        "rhat_w": row("weights", "rhat"),
+        "rhat_w_sorted": rhat_sorted,
+        "rhat_dep": float(table[table["kind"] == "label-dependent"]["rhat"].max()),
+        "depth": float(depth.mean()),
+        "maxdepth%": float(100 * maxdepth.mean()) if maxdepth is not None else np.nan,
+        "step": float(np.median(step)),
+        "t_sample": float(fit.timings["sample"]),
+        "loss_med": float(np.median(loss)),
+        "loss_mean": float(loss.mean()),
+        "loss_chain_med": "/".join(f"{np.median(loss[c]):.3g}" for c in range(loss.shape[0])),
+        "lam_chain": "/".join(f"{lam[c].mean():.3f}" for c in range(lam.shape[0])),
+        "wmin_chain": "/".join(f"{np.median(wmin[c]):.3f}" for c in range(lam.shape[0])),
+        "config": "/".join(per_chain),
+        "corr_lam_wmin": float(corr),
+        "div_at": where,
+    }
+
+
+def run(scenarios, n: int, seeds, variants, draws: int, tune: int, save=None) -> pd.DataFrame:
+    rows = []
+    for name in scenarios:
+        scenario = bd.load_scenario(name)
+        compiled: dict = {}  # one compilation per (scenario, variant), rebound to each dataset
+        for seed in seeds:
+            X, Y = scenario.simulate(n, seed=seed)
+            for variant, priors in variants.items():
+                t0 = time.perf_counter()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    fit = bd.fit_scenario(scenario, X, Y, seed=seed, draws=draws, tune=tune, chains=2,
+                                          compiled=compiled.get(variant),
+                                          **({} if priors is None else {"priors": priors(scenario.priors)}))
+                compiled[variant] = fit.compiled
+                if save:
+                    fit.tree.to_netcdf(f"{save}/{name}-s{seed}-{variant}.nc")
+                r = geometry(fit, scenario.truth, f"{name} s{seed} {variant}")
+                r["t_total"] = time.perf_counter() - t0
+                rows.append(r)
+                print(pd.DataFrame([r]).to_string(index=False, header=len(rows) == 1, float_format="%.3g"),
+                      flush=True)
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> pd.DataFrame:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=2000)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--scenarios", nargs="+", default=["d1_over", "d2_over"])
+    p.add_argument("--draws", type=int, default=1000)
+    p.add_argument("--tune", type=int, default=1000)
+    p.add_argument("--compare", action="store_true",
+                   help="also fit the former (λ, weights) parameterisation on the same data and seed")
+    p.add_argument("--save", default=None, help="directory to write each posterior to (netCDF)")
+    args = p.parse_args(argv)
+    variants = {"default": None}
+    if args.compare:
+        variants["lambda_weights"] = lambda pr: pr.replace(mixing="lambda_weights")
+    out = run(args.scenarios, args.n, args.seeds, variants, args.draws, args.tune, args.save)
+    pd.set_option("display.width", 250)
+    print("\n" + out.to_string(index=False, float_format="%.3g"))
+    ok = (out["div"] == 0) & (out["rhat_loss"] <= 1.01)
+    out["target"] = ok
+    for variant in variants:
+        sel = out["fit"].str.endswith(variant)
+        print(f"{variant}: {int(ok[sel].sum())} of {int(sel.sum())} fits with no divergence and R-hat(loss) <= 1.01; "
+              f"median sampling time {out.loc[sel, 't_sample'].median():.1f} s")
+    return out
+
+
+if __name__ == "__main__":
+    main()
