@@ -17,12 +17,18 @@ per fit, what the sampler saw and where the posterior's geometry sits:
   unsorted);
 * where the divergent transitions sit (λ, smallest weight, variance of the lightest expert).
 
-``--compare`` runs each fit twice on the same data and seed: with the model's default
-parameterisation and with ``Priors(mixing="lambda_weights")`` (the former one), and prints both.
+``--variants`` fits each dataset (same data, same seed) in several ways, for a before/after table:
+
+* ``default``: the package as it is (probit coordinates for λ and the weights, EM start pulled inside
+  the box, `bayes_dgme.pipeline.inside_box`);
+* ``former``: the model and start as they were before issue #12 item 3: PyMC's log-odds / simplex
+  coordinates (``Priors(mixing_transform="logit")``) and an EM start left on the face of the box
+  (which the sampler then replaced by its default start);
+* ``logit``: the former coordinates with the new start (separates the two changes).
 
 Run::
 
-    PYTHONPATH=. python analyses/overfit_geometry.py [--n 2000] [--seeds 0 1 2] [--compare]
+    PYTHONPATH=. python analyses/overfit_geometry.py [--n 2000] [--seeds 0 1 2] [--variants default former]
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import numpy as np
 import pandas as pd
 
 import bayes_dgme as bd
+from bayes_dgme import pipeline
 from bayes_dgme.diagnostics import check, invariant_draws
 
 #: A weight below this is an emptied expert.
@@ -131,6 +138,28 @@ def geometry(fit, truth, label: str) -> dict:
     }
 
 
+def _logit(priors):
+    return priors.replace(mixing_transform="logit")
+
+
+#: name -> (priors change, EM start pulled inside the box)
+VARIANTS = {"default": (None, True), "former": (_logit, False), "logit": (_logit, True)}
+
+
+def _fit(scenario, X, Y, seed, variant, draws, tune, compiled):
+    change, pull_inside = VARIANTS[variant]
+    inside_box = pipeline.inside_box
+    if not pull_inside:
+        pipeline.inside_box = lambda est, bounds: est  # the former start: EM's point as it comes
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return bd.fit_scenario(scenario, X, Y, seed=seed, draws=draws, tune=tune, chains=2, compiled=compiled,
+                                   **({} if change is None else {"priors": change(scenario.priors)}))
+    finally:
+        pipeline.inside_box = inside_box
+
+
 def run(scenarios, n: int, seeds, variants, draws: int, tune: int, save=None) -> pd.DataFrame:
     rows = []
     for name in scenarios:
@@ -138,17 +167,14 @@ def run(scenarios, n: int, seeds, variants, draws: int, tune: int, save=None) ->
         compiled: dict = {}  # one compilation per (scenario, variant), rebound to each dataset
         for seed in seeds:
             X, Y = scenario.simulate(n, seed=seed)
-            for variant, priors in variants.items():
+            for variant in variants:
                 t0 = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    fit = bd.fit_scenario(scenario, X, Y, seed=seed, draws=draws, tune=tune, chains=2,
-                                          compiled=compiled.get(variant),
-                                          **({} if priors is None else {"priors": priors(scenario.priors)}))
+                fit = _fit(scenario, X, Y, seed, variant, draws, tune, compiled.get(variant))
                 compiled[variant] = fit.compiled
                 if save:
                     fit.tree.to_netcdf(f"{save}/{name}-s{seed}-{variant}.nc")
                 r = geometry(fit, scenario.truth, f"{name} s{seed} {variant}")
+                r["em_start"] = fit.start is not None
                 r["t_total"] = time.perf_counter() - t0
                 rows.append(r)
                 print(pd.DataFrame([r]).to_string(index=False, header=len(rows) == 1, float_format="%.3g"),
@@ -163,20 +189,18 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--scenarios", nargs="+", default=["d1_over", "d2_over"])
     p.add_argument("--draws", type=int, default=1000)
     p.add_argument("--tune", type=int, default=1000)
-    p.add_argument("--compare", action="store_true",
-                   help="also fit the former (λ, weights) parameterisation on the same data and seed")
+    p.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
+                   help="ways to fit each dataset (default: %(default)s); see the module docstring")
     p.add_argument("--save", default=None, help="directory to write each posterior to (netCDF)")
     args = p.parse_args(argv)
-    variants = {"default": None}
-    if args.compare:
-        variants["lambda_weights"] = lambda pr: pr.replace(mixing="lambda_weights")
+    variants = args.variants
     out = run(args.scenarios, args.n, args.seeds, variants, args.draws, args.tune, args.save)
     pd.set_option("display.width", 250)
     print("\n" + out.to_string(index=False, float_format="%.3g"))
     ok = (out["div"] == 0) & (out["rhat_loss"] <= 1.01)
     out["target"] = ok
     for variant in variants:
-        sel = out["fit"].str.endswith(variant)
+        sel = out["fit"].str.endswith(" " + variant)
         print(f"{variant}: {int(ok[sel].sum())} of {int(sel.sum())} fits with no divergence and R-hat(loss) <= 1.01; "
               f"median sampling time {out.loc[sel, 't_sample'].median():.1f} s")
     return out

@@ -254,7 +254,7 @@ def test_mixing_transform_setting():
     assert {"lam_logodds__", "weights_simplex__"} <= names["logit"]
     mle = {v.name for v in bd.build_model(X, Y, known, 3, priors=bd.Priors(mle=True)).value_vars}
     assert "weights_simplex__" in mle  # MLE mode keeps PyMC's transforms (the MAP point is Jacobian-free)
-    with pytest.raises(ValueError, match="priors.mixing_transform"):
+    with pytest.raises(ValueError, match=r"priors\.mixing_transform"):
         bd.Priors(mixing_transform="softmax")
     assert "mixing_transform" not in bd.Priors().to_dict()
     assert bd.Priors.from_dict(bd.Priors(mixing_transform="logit").to_dict()).mixing_transform == "logit"
