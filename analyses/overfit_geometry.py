@@ -13,6 +13,9 @@ per fit, what the sampler saw and where the posterior's geometry sits:
   space) or "split" (three distinct atoms with mass);
 * the λ–weights ridge: the posterior correlation, within chains, of ``logit λ`` with ``log w_min``
   (constant gating: the likelihood sees only ``λ w_i``);
+* the weights' coordinates: the largest within-chain |correlation| between the unconstrained
+  coordinates of the weights, in PyMC's centred log-ratio ones (``corr_clr``, the former transform)
+  and in probit stick-breaking ones (``corr_stick``, the default), computed from the same draws;
 * label switching: whether the chains' expert labels differ (R-hat of the weights sorted by size vs.
   unsorted);
 * where the divergent transitions sit (λ, smallest weight, variance of the lightest expert).
@@ -66,6 +69,28 @@ def _configuration(w, a, b, v, scale):
     return np.where(empty, "emptied", np.where(dmin < MERGE, "merged", "split"))
 
 
+def coordinate_correlations(w):
+    """Mean over chains of the largest |correlation| between the unconstrained coordinates of the
+    weights (``w``: chain, draw, k), in PyMC's centred log-ratio coordinates (the former ``"logit"``
+    transform) and in the probit stick-breaking ones (the ``"probit"`` default). The same posterior
+    draws, two coordinate systems: a diagonal mass matrix suits the one with small correlations."""
+    from scipy.special import ndtri
+
+    logw = np.log(np.clip(w, 1e-300, None))
+    clr = (logw - logw.mean(-1, keepdims=True))[..., :-1]
+    tail = np.cumsum(w[..., ::-1], axis=-1)[..., ::-1]
+    stick = ndtri(np.clip(w[..., :-1] / tail[..., :-1], 1e-300, 1 - 1e-16))
+
+    def worst(u):
+        out = []
+        for c in range(u.shape[0]):
+            r = np.corrcoef(u[c].T)
+            out.append(np.max(np.abs(r[np.triu_indices_from(r, 1)])))
+        return float(np.mean(out))
+
+    return worst(clr), worst(stick)
+
+
 def geometry(fit, truth, label: str) -> dict:
     """One row of the table for a fitted posterior."""
     import arviz as az
@@ -105,6 +130,7 @@ def geometry(fit, truth, label: str) -> dict:
         per_chain.append(f"{top}{100 * counts.max() / conf[c].size:.0f}%")
     # ridge: within-chain correlation of logit(lam) and log(min weight)
     corr = np.mean([np.corrcoef(np.log(lam[c] / (1 - lam[c])), np.log(wmin[c]))[0, 1] for c in range(lam.shape[0])])
+    corr_clr, corr_stick = coordinate_correlations(w)
     # where the divergences sit
     where = ""
     if div.any():
@@ -134,6 +160,8 @@ def geometry(fit, truth, label: str) -> dict:
         "wmin_chain": "/".join(f"{np.median(wmin[c]):.3f}" for c in range(lam.shape[0])),
         "config": "/".join(per_chain),
         "corr_lam_wmin": float(corr),
+        "corr_clr": corr_clr,
+        "corr_stick": corr_stick,
         "div_at": where,
     }
 
