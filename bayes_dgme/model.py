@@ -24,12 +24,27 @@ intercept_scale)`` and ``sqrt(variances) ~ HalfNormal(variance_scale)``. The ini
 therefore the same for every dataset, and one compiled model can be re-used on new data without
 recompiling (see `model_data` and `bayes_dgme.sampling.compile_model`).
 
+λ and the weights keep their priors (``Beta``, ``Dirichlet``) but are sampled in *probit*
+coordinates (`ProbitTransform`, `ProbitStickBreaking`; ``Priors.mixing_transform``)::
+
+    lam = Φ(u_λ),   weights_j = Φ(u_j) Π_{l<j} Φ(−u_l)  (j < k),   weights_k = Π_{l<k} Φ(−u_l)
+
+an exact change of variables (PyMC adds the log-Jacobian), so prior and posterior are unchanged.
+Why: in an over-fitted model one expert is often emptied (weight 1e-2 … 1e-5). In PyMC's default
+simplex coordinates (centred log-ratios) the log of that weight enters *every* coordinate, so the
+emptied direction is a diagonal ridge (within-chain correlation of the two coordinates 0.96–0.99 on
+d1_over, n = 2000) with an exponential tail, which a diagonal mass matrix cannot follow: chains
+stalled there with hundreds of divergences (``analyses/overfit_geometry.py``). In stick-breaking
+coordinates an emptied weight is one coordinate, whatever its label, and the prior gives every
+coordinate Gaussian tails.
+
 Variable names (the contract of docs/ARCHITECTURE.md): ``lam`` [], ``weights`` [expert] (constant
 gating), ``gate_intercepts`` [expert] and ``gate_slopes`` [expert, covariate] (softmax gating, the
 last expert pinned to 0), ``slopes`` [expert, covariate], ``intercepts`` [expert], ``variances``
 [expert]; observed ``y`` [obs]. Data: ``X`` [obs, covariate], ``Y`` [obs], ``log_g0`` [obs],
 ``slope_scale`` [covariate], ``intercept_loc``, ``intercept_scale``, ``variance_scale``.
-Sampled (free) variables: ``lam``, ``weights``, ``gate_intercepts_free`` [gate_expert] and
+Sampled (free) variables: ``lam``, ``weights`` (value variables ``lam_probit__``,
+``weights_probit_stick_breaking__``), ``gate_intercepts_free`` [gate_expert] and
 ``gate_slopes_free`` [gate_expert, covariate] (the first ``k - 1`` experts), ``slopes_z``,
 ``intercepts_z`` and ``sds_z`` (`AUXILIARY_NAMES`: `bayes_dgme.sample` drops them from the posterior,
 which then lists each natural parameter once). A pandas ``DataFrame`` ``X`` gives the ``covariate``
@@ -73,7 +88,8 @@ from .params import GATINGS
 from .priors import Priors
 
 __all__ = ["build_model", "data_scales", "model_data", "model_spec", "ModelSpec", "SCALE_FACTOR",
-           "mixture_logp", "fused_logp", "DATA_NAMES", "AUXILIARY_NAMES", "NATURAL_NAMES"]
+           "mixture_logp", "fused_logp", "DATA_NAMES", "AUXILIARY_NAMES", "NATURAL_NAMES",
+           "ProbitTransform", "ProbitStickBreaking", "mixing_transforms", "log_ndtr"]
 
 #: Width of the weakly-informative data-based priors, in units of the data's spread.
 SCALE_FACTOR = 2.5
@@ -525,8 +541,9 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     pymc.Model
         With the variables listed in the module docstring. Default priors::
 
-            lam              ~ Beta(lam_alpha, lam_beta)
-            weights          ~ Dirichlet(dirichlet_alpha · 1)          (constant gating, k >= 2)
+            lam              ~ Beta(lam_alpha, lam_beta)               (sampled as Φ⁻¹(lam))
+            weights          ~ Dirichlet(dirichlet_alpha · 1)          (constant gating, k >= 2;
+                                                                        probit stick-breaking)
             gate_intercepts  ~ Normal(0, gate_scale), last = 0         (softmax gating)
             gate_slopes      ~ Normal(0, gate_scale), last row = 0     (softmax gating)
             slopes[i, j]     ~ Normal(0, slope_scale[j])
