@@ -27,7 +27,9 @@ per fit, what the sampler saw and where the posterior's geometry sits:
 * ``former``: the model and start as they were before issue #12 item 3: PyMC's log-odds / simplex
   coordinates (``Priors(mixing_transform="logit")``) and an EM start left on the face of the box
   (which the sampler then replaced by its default start);
-* ``logit``: the former coordinates with the new start (separates the two changes).
+* ``logit``: the former coordinates with the new start (separates the two changes);
+* ``ordered``: the default with ``Priors(order="weights")`` (decreasing weights: the last expert is
+  always the lightest, so an emptied expert never swaps labels with an occupied one).
 
 Run::
 
@@ -170,8 +172,12 @@ def _logit(priors):
     return priors.replace(mixing_transform="logit")
 
 
+def _by_weight(priors):
+    return priors.replace(order="weights")
+
+
 #: name -> (priors change, EM start pulled inside the box)
-VARIANTS = {"default": (None, True), "former": (_logit, False), "logit": (_logit, True)}
+VARIANTS = {"default": (None, True), "former": (_logit, False), "logit": (_logit, True), "ordered": (_by_weight, True)}
 
 
 def _fit(scenario, X, Y, seed, variant, draws, tune, compiled):

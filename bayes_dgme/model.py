@@ -89,7 +89,8 @@ from .priors import Priors
 
 __all__ = ["build_model", "data_scales", "model_data", "model_spec", "ModelSpec", "SCALE_FACTOR",
            "mixture_logp", "fused_logp", "DATA_NAMES", "AUXILIARY_NAMES", "NATURAL_NAMES",
-           "ProbitTransform", "ProbitStickBreaking", "mixing_transforms", "log_ndtr"]
+           "ProbitTransform", "ProbitStickBreaking", "OrderedProbitStickBreaking", "mixing_transforms",
+           "log_ndtr"]
 
 #: Width of the weakly-informative data-based priors, in units of the data's spread.
 SCALE_FACTOR = 2.5
@@ -451,11 +452,53 @@ class ProbitStickBreaking(Transform):
         return pt.sum(-0.5 * pt.sqr(value) - _HALF_LOG_2PI + before, axis=-1)
 
 
-def mixing_transforms(priors: Priors) -> dict[str, Any]:
-    """Value transforms of ``lam`` and ``weights`` (`Priors.mixing_transform`; PyMC's defaults in MLE mode)."""
+class OrderedProbitStickBreaking(ProbitStickBreaking):
+    """Decreasing weights ``w_1 ≥ w_2 ≥ … ≥ w_k`` from ``k - 1`` unconstrained coordinates.
+
+    The spacings ``e_l = l (w_l − w_{l+1})`` (``w_{k+1} = 0``) lie on the simplex exactly when the
+    weights are decreasing and sum to 1 (``Σ_l e_l = Σ_j w_j``), so ``w_j = Σ_{l≥j} e_l / l`` with
+    ``e`` from `ProbitStickBreaking`. The map ``e → w`` is linear: its log-determinant (on the
+    first ``k - 1`` coordinates) is a constant, added to the stick-breaking one.
+
+    With a ``Dirichlet(α 1)`` prior this is the Dirichlet restricted to decreasing weights (up to the
+    constant ``k!``): for an exchangeable prior and likelihood, the posterior of every label-invariant
+    quantity (λ, the mixing measure, the loss, the predictive density) is the same, and label ``k``
+    is always the lightest expert -- an emptied expert never trades labels with an occupied one.
+    """
+
+    name = "ordered_probit_stick_breaking"
+
+    def __init__(self, k: int):
+        self.k = int(k)
+        ls = np.arange(1, self.k + 1, dtype=float)
+        # w_j (j < k) as a function of e_1..e_{k-1}, with e_k = 1 - Σ e: ∂w_j/∂e_m = [m ≥ j]/m − 1/k
+        A = np.triu(np.ones((self.k - 1, self.k - 1))) / ls[None, : self.k - 1] - 1.0 / self.k
+        self._log_det = float(np.linalg.slogdet(A)[1]) if self.k > 1 else 0.0
+        self._inv_l = 1.0 / ls
+
+    def forward(self, value, *inputs):
+        value = pt.as_tensor(value)
+        nxt = pt.concatenate([value[..., 1:], pt.zeros_like(value[..., :1])], axis=-1)
+        e = pt.maximum((value - nxt) / self._inv_l, 1e-12)  # ties (equal weights) kept just inside
+        return super().forward(e / pt.sum(e, axis=-1, keepdims=True))
+
+    def backward(self, value, *inputs):
+        e = super().backward(value)
+        return pt.cumsum((e * self._inv_l)[..., ::-1], axis=-1)[..., ::-1]
+
+    def log_jac_det(self, value, *inputs):
+        return super().log_jac_det(value) + self._log_det
+
+
+def mixing_transforms(priors: Priors, k: int) -> dict[str, Any]:
+    """Value transforms of ``lam`` and ``weights`` (`Priors.mixing_transform`, ``Priors.order ==
+    "weights"``; PyMC's defaults in MLE mode)."""
     if priors.mle or priors.mixing_transform == "logit":
+        if priors.order == "weights" and not priors.mle:
+            raise ValueError('priors.order: "weights" needs mixing_transform = "probit"')
         return {"lam": {}, "weights": {}}
-    return {"lam": {"default_transform": ProbitTransform()}, "weights": {"default_transform": ProbitStickBreaking()}}
+    weights = OrderedProbitStickBreaking(k) if priors.order == "weights" else ProbitStickBreaking()
+    return {"lam": {"default_transform": ProbitTransform()}, "weights": {"default_transform": weights}}
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -589,7 +632,7 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
         variance_scale = pm.Data("variance_scale", data["variance_scale"])
 
         # deviation proportion
-        mixing = mixing_transforms(priors)
+        mixing = mixing_transforms(priors, k)
         if mle:
             lam = pm.Uniform("lam", 0.0, 1.0)
         else:

@@ -10,8 +10,8 @@ from .validation import check_positive
 
 __all__ = ["MIXING_TRANSFORMS", "ORDERINGS", "Priors"]
 
-#: Ordering constraints that limit label switching: ``"none"`` or the parameter kept increasing.
-ORDERINGS = ("none", "intercepts")
+#: Ordering constraints that limit label switching: ``"none"``, increasing intercepts or decreasing weights.
+ORDERINGS = ("none", "intercepts", "weights")
 
 #: Unconstrained coordinates in which the sampler moves λ and the weights (the prior is the same).
 MIXING_TRANSFORMS = ("probit", "logit")
@@ -36,8 +36,12 @@ class Priors:
         ``None`` uses the standard deviation of ``Y``.
     gate_scale : float
         Standard deviation of the Normal priors on softmax gating parameters.
-    order : {"none", "intercepts"}
+    order : {"none", "intercepts", "weights"}
         Ordering constraint to limit label switching (the Voronoi loss is label-invariant anyway).
+        ``"weights"`` (constant gating): decreasing weights, so the last expert is always the lightest;
+        in an over-fitted model an emptied expert then never swaps labels with an occupied one
+        (such swaps during warm-up left nutpie's mass matrix fitted to the wrong labels and chains
+        stuck). Softmax gating ignores it.
     mle : bool
         MLE mode: flat priors on every parameter, so that the MAP estimate is the MLE.
     bounds : Bounds or dict

@@ -245,6 +245,48 @@ def test_probit_mixing_implies_the_spec_prior(alpha):
     assert (pl * L).sum() * h == pytest.approx(a / (a + b), abs=1e-6)
 
 
+def test_weight_ordering_implies_the_ordered_dirichlet():
+    """order="weights": decreasing weights, and the transformed density integrates (quadrature, as
+    above) to 1/k! -- the ordered region's share of Dirichlet(1) -- with the means of the ordered
+    uniform spacings, E[w_(i)] = (1/k) Σ_{j≥i} 1/j (an independent, classical result)."""
+    import pytensor
+    import pytensor.tensor as pt
+
+    from bayes_dgme.model import OrderedProbitStickBreaking
+
+    k = 3
+    tr = OrderedProbitStickBreaking(k)
+    u = pt.dmatrix("u")
+    w = tr.backward(u)
+    f = pytensor.function([u], [pt.exp(pm.logp(pm.Dirichlet.dist(np.ones(k)), w) + tr.log_jac_det(u)), w], **FAST)
+    h = 0.04
+    g = np.arange(-8, 8, h) + h / 2
+    G1, G2 = np.meshgrid(g, g, indexing="ij")
+    p, W = f(np.stack([G1.ravel(), G2.ravel()], -1))
+    assert np.all(np.diff(W, axis=-1) <= 0)
+    assert p.sum() * h * h == pytest.approx(1 / 6, abs=1e-5)
+    mean = (p[:, None] * W).sum(0) * h * h * 6
+    np.testing.assert_allclose(mean, [11 / 18, 5 / 18, 1 / 9], atol=1e-4)
+    # round trip from decreasing weights (the start points' direction)
+    fwd = pytensor.function([u], tr.forward(tr.backward(u)), **FAST)
+    U = np.random.default_rng(2).normal(size=(20, 2))
+    np.testing.assert_allclose(fwd(U), U, atol=1e-7)
+
+
+def test_weight_ordering_in_the_model():
+    known = KNOWNS["student_t"]
+    X, Y = _data(known, n=40)
+    model = bd.build_model(X, Y, known, 3, priors=bd.Priors(order="weights"))
+    assert "weights_ordered_probit_stick_breaking__" in {v.name for v in model.value_vars}
+    rng = np.random.default_rng(4)
+    z = _random_point(rng, 3, 2, "constant", ordered=False)
+    z["weights"] = np.sort(z["weights"])[::-1]
+    expected, _ = _expected_logp(z, X, Y, known, 3, "constant", bd.Priors())
+    assert model.compile_logp(jacobian=False, **FAST)(_to_value_space(model, z)) == pytest.approx(expected, rel=1e-9)
+    with pytest.raises(ValueError, match="probit"):
+        bd.build_model(X, Y, known, 3, priors=bd.Priors(order="weights", mixing_transform="logit"))
+
+
 def test_mixing_transform_setting():
     known = KNOWNS["student_t"]
     X, Y = _data(known, n=30)
