@@ -38,6 +38,14 @@ stalled there with hundreds of divergences (``analyses/overfit_geometry.py``). I
 coordinates an emptied weight is one coordinate, whatever its label, and the prior gives every
 coordinate Gaussian tails.
 
+``priors.order == "weights"`` samples decreasing weights (`OrderedProbitStickBreaking`), so the last
+expert is always the lightest. Without it, the emptied expert of an over-fitted model can drift onto
+an occupied component and take it over while the former occupant empties: the two experts swap
+roles. When that happens late in warm-up, nutpie's diagonal mass matrix keeps the old roles (prior
+scale for the expert that is now pinned by the data, ~100 times too wide) and the chain stalls with
+hundreds of divergences (d1_over, n = 2000: the swap at warm-up draw ~950, after the last mass-matrix
+update at 849). Label-invariant quantities have the same posterior under any such ordering.
+
 Variable names (the contract of docs/ARCHITECTURE.md): ``lam`` [], ``weights`` [expert] (constant
 gating), ``gate_intercepts`` [expert] and ``gate_slopes`` [expert, covariate] (softmax gating, the
 last expert pinned to 0), ``slopes`` [expert, covariate], ``intercepts`` [expert], ``variances``
@@ -59,6 +67,8 @@ in MLE mode), sampled through an interval transform, so every draw of ``slopes``
 
 Notes
 -----
+- ``priors.order == "weights"`` (constant gating, not in MLE mode) restricts the Dirichlet to
+  decreasing weights (up to the constant ``k!``); softmax gating ignores it.
 - The ordering constraint (``priors.order == "intercepts"``) is PyMC's ``ordered`` value transform
   on ``intercepts_z``: it restricts the posterior to increasing intercepts, but *prior* draws
   (``pm.sample_prior_predictive``) ignore transforms and are not sorted. The prior predictive of
