@@ -500,11 +500,11 @@ class OrderedProbitStickBreaking(ProbitStickBreaking):
         return super().log_jac_det(value) + self._log_det
 
 
-def mixing_transforms(priors: Priors, k: int) -> dict[str, Any]:
+def mixing_transforms(priors: Priors, k: int, gating: str = "constant") -> dict[str, Any]:
     """Value transforms of ``lam`` and ``weights`` (`Priors.mixing_transform`, ``Priors.order ==
     "weights"``; PyMC's defaults in MLE mode)."""
     if priors.mle or priors.mixing_transform == "logit":
-        if priors.order == "weights" and not priors.mle:
+        if priors.order == "weights" and not priors.mle and gating == "constant":
             raise ValueError('priors.order: "weights" needs mixing_transform = "probit"')
         return {"lam": {}, "weights": {}}
     weights = OrderedProbitStickBreaking(k) if priors.order == "weights" else ProbitStickBreaking()
@@ -642,7 +642,7 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
         variance_scale = pm.Data("variance_scale", data["variance_scale"])
 
         # deviation proportion
-        mixing = mixing_transforms(priors, k)
+        mixing = mixing_transforms(priors, k, gating)
         if mle:
             lam = pm.Uniform("lam", 0.0, 1.0)
         else:
