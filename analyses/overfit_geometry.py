@@ -22,14 +22,16 @@ per fit, what the sampler saw and where the posterior's geometry sits:
 
 ``--variants`` fits each dataset (same data, same seed) in several ways, for a before/after table:
 
-* ``default``: the package as it is (probit coordinates for λ and the weights, EM start pulled inside
-  the box, `bayes_dgme.pipeline.inside_box`);
-* ``former``: the model and start as they were before issue #12 item 3: PyMC's log-odds / simplex
-  coordinates (``Priors(mixing_transform="logit")``) and an EM start left on the face of the box
-  (which the sampler then replaced by its default start);
-* ``logit``: the former coordinates with the new start (separates the two changes);
-* ``ordered``: the default with ``Priors(order="weights")`` (decreasing weights: the last expert is
-  always the lightest, so an emptied expert never swaps labels with an occupied one).
+* ``default``: the package as it is with the scenario's own priors (``order = "none"`` in the
+  spec files: PyMC's log-odds / simplex coordinates), EM start pulled inside the box
+  (`bayes_dgme.pipeline.inside_box`);
+* ``former``: as before issue #12 item 3: the same model, EM start left on the face of the box
+  (which the sampler then silently replaced by its default start);
+* ``probit``: ``Priors(mixing_transform="probit")``: probit coordinates for λ and the weights,
+  unordered;
+* ``ordered``: ``Priors(order="weights")``: decreasing weights in ordered probit stick-breaking
+  coordinates (the last expert is always the lightest, so an emptied expert never swaps labels with
+  an occupied one).
 
 Run::
 
@@ -168,8 +170,8 @@ def geometry(fit, truth, label: str) -> dict:
     }
 
 
-def _logit(priors):
-    return priors.replace(mixing_transform="logit")
+def _probit(priors):
+    return priors.replace(mixing_transform="probit")
 
 
 def _by_weight(priors):
@@ -177,7 +179,7 @@ def _by_weight(priors):
 
 
 #: name -> (priors change, EM start pulled inside the box)
-VARIANTS = {"default": (None, True), "former": (_logit, False), "logit": (_logit, True), "ordered": (_by_weight, True)}
+VARIANTS = {"default": (None, True), "former": (None, False), "probit": (_probit, True), "ordered": (_by_weight, True)}
 
 
 def _fit(scenario, X, Y, seed, variant, draws, tune, compiled):

@@ -24,8 +24,9 @@ intercept_scale)`` and ``sqrt(variances) ~ HalfNormal(variance_scale)``. The ini
 therefore the same for every dataset, and one compiled model can be re-used on new data without
 recompiling (see `model_data` and `bayes_dgme.sampling.compile_model`).
 
-λ and the weights keep their priors (``Beta``, ``Dirichlet``) but are sampled in *probit*
-coordinates (`ProbitTransform`, `ProbitStickBreaking`; ``Priors.mixing_transform``)::
+With ``priors.order == "weights"`` (or ``priors.mixing_transform == "probit"``), λ and the weights
+keep their priors (``Beta``, ``Dirichlet``) but are sampled in *probit* coordinates
+(`ProbitTransform`, `ProbitStickBreaking`)::
 
     lam = Φ(u_λ),   weights_j = Φ(u_j) Π_{l<j} Φ(−u_l)  (j < k),   weights_k = Π_{l<k} Φ(−u_l)
 
@@ -33,10 +34,10 @@ an exact change of variables (PyMC adds the log-Jacobian), so prior and posterio
 Why: in an over-fitted model one expert is often emptied (weight 1e-2 … 1e-5). In PyMC's default
 simplex coordinates (centred log-ratios) the log of that weight enters *every* coordinate, so the
 emptied direction is a diagonal ridge (within-chain correlation of the two coordinates 0.96–0.99 on
-d1_over, n = 2000) with an exponential tail, which a diagonal mass matrix cannot follow: chains
-stalled there with hundreds of divergences (``analyses/overfit_geometry.py``). In stick-breaking
-coordinates an emptied weight is one coordinate, whatever its label, and the prior gives every
-coordinate Gaussian tails.
+d1_over, n = 2000, ``analyses/overfit_geometry.py``) with an exponential tail; in stick-breaking
+coordinates an emptied weight is one coordinate and the prior gives every coordinate Gaussian tails.
+On its own this did not make over-fitted fits reliable (what stalls chains is the label swap below),
+so it is the default only together with the weight ordering.
 
 ``priors.order == "weights"`` samples decreasing weights (`OrderedProbitStickBreaking`), so the last
 expert is always the lightest. Without it, the emptied expert of an over-fitted model can drift onto
@@ -51,8 +52,7 @@ gating), ``gate_intercepts`` [expert] and ``gate_slopes`` [expert, covariate] (s
 last expert pinned to 0), ``slopes`` [expert, covariate], ``intercepts`` [expert], ``variances``
 [expert]; observed ``y`` [obs]. Data: ``X`` [obs, covariate], ``Y`` [obs], ``log_g0`` [obs],
 ``slope_scale`` [covariate], ``intercept_loc``, ``intercept_scale``, ``variance_scale``.
-Sampled (free) variables: ``lam``, ``weights`` (value variables ``lam_probit__``,
-``weights_probit_stick_breaking__``), ``gate_intercepts_free`` [gate_expert] and
+Sampled (free) variables: ``lam``, ``weights``, ``gate_intercepts_free`` [gate_expert] and
 ``gate_slopes_free`` [gate_expert, covariate] (the first ``k - 1`` experts), ``slopes_z``,
 ``intercepts_z`` and ``sds_z`` (`AUXILIARY_NAMES`: `bayes_dgme.sample` drops them from the posterior,
 which then lists each natural parameter once). A pandas ``DataFrame`` ``X`` gives the ``covariate``
@@ -500,12 +500,11 @@ class OrderedProbitStickBreaking(ProbitStickBreaking):
         return super().log_jac_det(value) + self._log_det
 
 
-def mixing_transforms(priors: Priors, k: int, gating: str = "constant") -> dict[str, Any]:
+def mixing_transforms(priors: Priors, k: int) -> dict[str, Any]:
     """Value transforms of ``lam`` and ``weights`` (`Priors.mixing_transform`, ``Priors.order ==
-    "weights"``; PyMC's defaults in MLE mode)."""
-    if priors.mle or priors.mixing_transform == "logit":
-        if priors.order == "weights" and not priors.mle and gating == "constant":
-            raise ValueError('priors.order: "weights" needs mixing_transform = "probit"')
+    "weights"``; PyMC's defaults in MLE mode and for ``"logit"``)."""
+    probit = priors.mixing_transform == "probit" or (priors.mixing_transform == "auto" and priors.order == "weights")
+    if priors.mle or not probit:
         return {"lam": {}, "weights": {}}
     weights = OrderedProbitStickBreaking(k) if priors.order == "weights" else ProbitStickBreaking()
     return {"lam": {"default_transform": ProbitTransform()}, "weights": {"default_transform": weights}}
@@ -642,7 +641,7 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
         variance_scale = pm.Data("variance_scale", data["variance_scale"])
 
         # deviation proportion
-        mixing = mixing_transforms(priors, k, gating)
+        mixing = mixing_transforms(priors, k)
         if mle:
             lam = pm.Uniform("lam", 0.0, 1.0)
         else:

@@ -14,7 +14,7 @@ __all__ = ["MIXING_TRANSFORMS", "ORDERINGS", "Priors"]
 ORDERINGS = ("none", "intercepts", "weights")
 
 #: Unconstrained coordinates in which the sampler moves λ and the weights (the prior is the same).
-MIXING_TRANSFORMS = ("probit", "logit")
+MIXING_TRANSFORMS = ("auto", "probit", "logit")
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,15 @@ class Priors:
     bounds : Bounds or dict
         Box bounds that make the parameter space compact (DESIGN.md 4.5); priors are truncated to
         them. Default: unbounded. A mapping is read with `Bounds.from_dict`.
-    mixing_transform : {"probit", "logit"}
+    mixing_transform : {"auto", "probit", "logit"}
         The unconstrained coordinates the sampler moves λ and the weights in; the prior (and the
-        posterior) is the same either way, an exact change of variables. ``"probit"`` (default):
-        ``λ = Φ(u)`` and stick-breaking weights with fractions ``Φ(u_j)`` (`bayes_dgme.model`), where
-        the prior has Gaussian tails in every coordinate, so an emptied expert's weight stays within
-        a few units of the sampler's scale; ``"logit"``: PyMC's defaults (log-odds λ, centred
-        log-ratio simplex), where an emptied weight has an exponential tail (the former
-        parameterisation, kept for comparison). MLE mode always uses ``"logit"`` (the MAP point is
-        computed without Jacobians, and an optimiser should not chase ``Φ(u) → 0``).
+        posterior) is the same either way, an exact change of variables. ``"probit"``: ``λ = Φ(u)``
+        and stick-breaking weights with fractions ``Φ(u_j)`` (`bayes_dgme.model`): an emptied
+        expert's weight is one coordinate with a Gaussian tail; ``"logit"``: PyMC's defaults
+        (log-odds λ, centred log-ratio simplex), where an emptied weight enters every coordinate.
+        ``"auto"`` (default): ``"probit"`` with ``order = "weights"`` (which needs it), else
+        ``"logit"``. MLE mode always uses PyMC's defaults (the MAP point is computed without
+        Jacobians, and an optimiser should not chase ``Φ(u) → 0``).
     """
 
     lam_alpha: float = 1.0
@@ -68,7 +68,7 @@ class Priors:
     order: str = "none"
     mle: bool = False
     bounds: Bounds = field(default_factory=Bounds)
-    mixing_transform: str = "probit"
+    mixing_transform: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bounds, Bounds):
@@ -83,6 +83,8 @@ class Priors:
         if self.mixing_transform not in MIXING_TRANSFORMS:
             raise ValueError(f"priors.mixing_transform: unknown transform {self.mixing_transform!r}; "
                              f"choose one of {list(MIXING_TRANSFORMS)}")
+        if self.order == "weights" and self.mixing_transform == "logit" and not self.mle:
+            raise ValueError('priors.mixing_transform: order = "weights" needs "probit" (or "auto"), got "logit"')
         if not isinstance(self.mle, bool):
             raise ValueError(f"priors.mle: expected true or false, got {self.mle!r}")
 
@@ -109,7 +111,7 @@ class Priors:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if v is not None and k != "bounds"}
-        if self.mixing_transform == "probit":  # the default: scenario files written before it stay equal
+        if self.mixing_transform == "auto":  # the default: scenario files written before it stay equal
             del out["mixing_transform"]
         if not self.bounds.is_unbounded:
             out["bounds"] = self.bounds.to_dict()

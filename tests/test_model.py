@@ -283,23 +283,26 @@ def test_weight_ordering_in_the_model():
     z["weights"] = np.sort(z["weights"])[::-1]
     expected, _ = _expected_logp(z, X, Y, known, 3, "constant", bd.Priors())
     assert model.compile_logp(jacobian=False, **FAST)(_to_value_space(model, z)) == pytest.approx(expected, rel=1e-9)
-    with pytest.raises(ValueError, match="probit"):
-        bd.build_model(X, Y, known, 3, priors=bd.Priors(order="weights", mixing_transform="logit"))
 
 
 def test_mixing_transform_setting():
     known = KNOWNS["student_t"]
     X, Y = _data(known, n=30)
-    names = {m: {v.name for v in bd.build_model(X, Y, known, 3, priors=bd.Priors(mixing_transform=m)).value_vars}
-             for m in ("probit", "logit")}
-    assert {"lam_probit__", "weights_probit_stick_breaking__"} <= names["probit"]
-    assert {"lam_logodds__", "weights_simplex__"} <= names["logit"]
-    mle = {v.name for v in bd.build_model(X, Y, known, 3, priors=bd.Priors(mle=True)).value_vars}
-    assert "weights_simplex__" in mle  # MLE mode keeps PyMC's transforms (the MAP point is Jacobian-free)
+
+    def value_names(**kw):
+        return {v.name for v in bd.build_model(X, Y, known, 3, priors=bd.Priors(**kw)).value_vars}
+
+    assert {"lam_probit__", "weights_probit_stick_breaking__"} <= value_names(mixing_transform="probit")
+    assert {"lam_logodds__", "weights_simplex__"} <= value_names()  # "auto" without the weight order
+    assert {"lam_probit__", "weights_ordered_probit_stick_breaking__"} <= value_names(order="weights")
+    # MLE mode keeps PyMC's transforms (the MAP point is Jacobian-free)
+    assert "weights_simplex__" in value_names(mle=True, mixing_transform="probit")
     with pytest.raises(ValueError, match=r"priors\.mixing_transform"):
         bd.Priors(mixing_transform="softmax")
+    with pytest.raises(ValueError, match=r"priors\.mixing_transform"):
+        bd.Priors(order="weights", mixing_transform="logit")
     assert "mixing_transform" not in bd.Priors().to_dict()
-    assert bd.Priors.from_dict(bd.Priors(mixing_transform="logit").to_dict()).mixing_transform == "logit"
+    assert bd.Priors.from_dict(bd.Priors(mixing_transform="probit").to_dict()).mixing_transform == "probit"
 
 
 def test_em_start_is_pulled_inside_the_box():
