@@ -33,6 +33,22 @@ per fit, what the sampler saw and where the posterior's geometry sits:
   coordinates (the last expert is always the lightest, so an emptied expert never swaps labels with
   an occupied one).
 
+Findings (n = 2000, 2 chains × (1000 + 1000), seeds 0-4, loaded 2-core machine)
+--------------------------------------------------------------------------------
+* Stuck chains were a label swap in warm-up: the emptied expert drifts onto an occupied component,
+  takes it over, the former occupant empties; after nutpie's last mass-matrix update (warm-up draw
+  849 of 1000; swap at ~950 on d1_over seed 1) the diagonal mass matrix keeps the old roles (prior
+  scale for the expert now pinned by the data) and the chain stalls: 149-602 divergences, mean tree
+  depth ~1, R-hat of the loss 1.7-2.2. Probit coordinates alone did not prevent it (the swap just
+  happened on other seeds); ``order = "weights"`` does (0 divergences in 10 of 10 fits).
+* In PyMC's simplex coordinates an emptied weight's direction is a diagonal ridge (within-chain
+  correlation 0.96-0.99 of the two coordinates); in probit stick-breaking coordinates 0.05-0.7.
+* Two EM starts of ten lay on a face of the box (an intercept at -10, a variance at 0.01), where
+  the interval transform is infinite: those chains silently started from the default point.
+* What remains: the Voronoi loss mixes slowly (bulk ESS 120-580 of 2000) because an emptied or
+  split expert explores the box slowly and the loss weighs it with powers up to 4, so R-hat of the
+  loss is ≤ 1.01 in only 3 of 10 fits either way.
+
 Run::
 
     PYTHONPATH=. python analyses/overfit_geometry.py [--n 2000] [--seeds 0 1 2] [--variants default former]
