@@ -24,6 +24,29 @@ intercept_scale)`` and ``sqrt(variances) ~ HalfNormal(variance_scale)``. The ini
 therefore the same for every dataset, and one compiled model can be re-used on new data without
 recompiling (see `model_data` and `bayes_dgme.sampling.compile_model`).
 
+With ``priors.order == "weights"`` (or ``priors.mixing_transform == "probit"``), λ and the weights
+keep their priors (``Beta``, ``Dirichlet``) but are sampled in *probit* coordinates
+(`ProbitTransform`, `ProbitStickBreaking`)::
+
+    lam = Φ(u_λ),   weights_j = Φ(u_j) Π_{l<j} Φ(−u_l)  (j < k),   weights_k = Π_{l<k} Φ(−u_l)
+
+an exact change of variables (PyMC adds the log-Jacobian), so prior and posterior are unchanged.
+Why: in an over-fitted model one expert is often emptied (weight 1e-2 … 1e-5). In PyMC's default
+simplex coordinates (centred log-ratios) the log of that weight enters *every* coordinate, so the
+emptied direction is a diagonal ridge (within-chain correlation of the two coordinates 0.96–0.99 on
+d1_over, n = 2000, ``analyses/overfit_geometry.py``) with an exponential tail; in stick-breaking
+coordinates an emptied weight is one coordinate and the prior gives every coordinate Gaussian tails.
+On its own this did not make over-fitted fits reliable (what stalls chains is the label swap below),
+so it is the default only together with the weight ordering.
+
+``priors.order == "weights"`` samples decreasing weights (`OrderedProbitStickBreaking`), so the last
+expert is always the lightest. Without it, the emptied expert of an over-fitted model can drift onto
+an occupied component and take it over while the former occupant empties: the two experts swap
+roles. When that happens late in warm-up, nutpie's diagonal mass matrix keeps the old roles (prior
+scale for the expert that is now pinned by the data, ~100 times too wide) and the chain stalls with
+hundreds of divergences (d1_over, n = 2000: the swap at warm-up draw ~950, after the last mass-matrix
+update at 849). Label-invariant quantities have the same posterior under any such ordering.
+
 Variable names (the contract of docs/ARCHITECTURE.md): ``lam`` [], ``weights`` [expert] (constant
 gating), ``gate_intercepts`` [expert] and ``gate_slopes`` [expert, covariate] (softmax gating, the
 last expert pinned to 0), ``slopes`` [expert, covariate], ``intercepts`` [expert], ``variances``
@@ -44,6 +67,8 @@ in MLE mode), sampled through an interval transform, so every draw of ``slopes``
 
 Notes
 -----
+- ``priors.order == "weights"`` (constant gating, not in MLE mode) restricts the Dirichlet to
+  decreasing weights (up to the constant ``k!``); softmax gating ignores it.
 - The ordering constraint (``priors.order == "intercepts"``) is PyMC's ``ordered`` value transform
   on ``intercepts_z``: it restricts the posterior to increasing intercepts, but *prior* draws
   (``pm.sample_prior_predictive``) ignore transforms and are not sorted. The prior predictive of
@@ -63,6 +88,7 @@ from typing import Any
 import numpy as np
 import pymc as pm
 import pytensor.tensor as pt
+from pymc.logprob.transforms import Transform
 
 from .bounds import Bounds
 from .data import check_data, covariate_names
@@ -72,7 +98,9 @@ from .params import GATINGS
 from .priors import Priors
 
 __all__ = ["build_model", "data_scales", "model_data", "model_spec", "ModelSpec", "SCALE_FACTOR",
-           "mixture_logp", "fused_logp", "DATA_NAMES", "AUXILIARY_NAMES", "NATURAL_NAMES"]
+           "mixture_logp", "fused_logp", "DATA_NAMES", "AUXILIARY_NAMES", "NATURAL_NAMES",
+           "ProbitTransform", "ProbitStickBreaking", "OrderedProbitStickBreaking", "mixing_transforms",
+           "log_ndtr"]
 
 #: Width of the weakly-informative data-based priors, in units of the data's spread.
 SCALE_FACTOR = 2.5
@@ -341,6 +369,147 @@ def _make_fused_random(known: KnownFunction, gating: str):
     return random
 
 
+# ---------------------------------------------------------------------------------------------- mixing transforms
+_HALF_LOG_2PI = 0.5 * _LOG_2PI
+
+
+#: Below this, `log_ndtr` uses the asymptotic series (``erfc`` underflows near -37).
+_NDTR_TAIL = -30.0
+
+
+def log_ndtr(u):
+    """``log Φ(u)`` (symbolic), to about machine precision on the whole line.
+
+    ``log1p(-erfc(u/√2)/2)`` for ``u > 0``, ``log(erfc(-u/√2)/2)`` down to ``-30`` and the asymptotic
+    series ``-u²/2 - log(-u√(2π)) + log(1 - u⁻² + 3u⁻⁴ - 15u⁻⁶ + 105u⁻⁸)`` below (relative error
+    under ``1e-12`` there). ``erfc`` rather than ``erfcx``, whose C implementation in PyTensor is only
+    accurate to ``~1e-8``. Each branch gets an input clipped to its range, so that the branch not
+    taken stays finite and its gradient does not poison ``switch`` with ``0 · nan``.
+    """
+    u = pt.as_tensor(u)
+    pos = pt.maximum(u, 0.0)
+    mid = pt.clip(u, _NDTR_TAIL, 0.0)
+    tail = pt.minimum(u, _NDTR_TAIL)
+    r = 1.0 / pt.sqr(tail)
+    series = 1.0 + r * (-1.0 + r * (3.0 + r * (-15.0 + 105.0 * r)))
+    return pt.switch(
+        pt.gt(u, 0.0), pt.log1p(-0.5 * pt.erfc(pos / np.sqrt(2.0))),
+        pt.switch(pt.ge(u, _NDTR_TAIL), pt.log(0.5 * pt.erfc(-mid / np.sqrt(2.0))),
+                  -0.5 * pt.sqr(tail) - pt.log(-tail) - _HALF_LOG_2PI + pt.log(series)))
+
+
+class ProbitTransform(Transform):
+    """``λ = Φ(u)``: the unconstrained coordinate of a variable in ``(0, 1)``.
+
+    ``log |dλ/du| = log φ(u)``, so a ``Beta(a, b)`` prior has density ``∝ Φ(u)^a Φ(−u)^b e^{-u²/2}``
+    up to the ``(a-1, b-1)`` powers: Gaussian tails with variances ``1/a`` and ``1/b`` (``Beta(1, 1)``
+    is exactly ``u ~ Normal(0, 1)``), where the log-odds coordinate has exponential tails.
+    """
+
+    name = "probit"
+    ndim_supp = 0
+
+    def forward(self, value, *inputs):
+        return pt.ndtri_exp(pt.log(value))
+
+    def backward(self, value, *inputs):
+        return pt.exp(log_ndtr(value))
+
+    def log_jac_det(self, value, *inputs):
+        return -0.5 * pt.sqr(value) - _HALF_LOG_2PI
+
+
+class ProbitStickBreaking(Transform):
+    """Weights on the simplex from ``k - 1`` unconstrained coordinates by probit stick-breaking.
+
+    ``w_j = Φ(u_j) Π_{l<j} Φ(−u_l)`` for ``j < k`` and ``w_k = Π_{l<k} Φ(−u_l)``, computed in log
+    space (an emptied weight of ``1e-300`` is still exact). A ``Dirichlet(α)`` prior is, in these
+    coordinates, independent ``Beta(α_j, Σ_{l>j} α_l)`` laws of the fractions ``Φ(u_j)``, each with
+    Gaussian tails in ``u_j``; the default simplex transform (centred log-ratio) gives an emptied
+    weight the tail ``∝ w^α``, linear in its coordinate, whose nearly constant gradient misleads
+    nutpie's mass-matrix adaptation (``var(draws) / var(gradients)``) and strands chains.
+
+    ``log |∂(w_1..w_{k-1}) / ∂u| = Σ_j [log φ(u_j) + Σ_{l<j} log Φ(−u_l)]`` (stick-breaking's
+    triangular Jacobian times the probit's).
+    """
+
+    name = "probit_stick_breaking"
+    ndim_supp = 1
+
+    @staticmethod
+    def _log_parts(u):
+        log_v = log_ndtr(u)  # log fraction taken at each break
+        log_rest = log_ndtr(-u)  # log fraction left
+        # log of the stick left before break j (exclusive cumulative sum), and after the last break
+        cum = pt.cumsum(log_rest, axis=-1)
+        before = pt.concatenate([pt.zeros_like(cum[..., :1]), cum[..., :-1]], axis=-1)
+        return log_v, before, cum[..., -1:]
+
+    def forward(self, value, *inputs):
+        value = pt.as_tensor(value)
+        tail = pt.cumsum(value[..., ::-1], axis=-1)[..., ::-1]  # Σ_{l ≥ j} w_l
+        return pt.ndtri_exp(pt.log(value[..., :-1]) - pt.log(tail[..., :-1]))
+
+    def backward(self, value, *inputs):
+        log_v, before, last = self._log_parts(pt.as_tensor(value))
+        log_w = pt.concatenate([log_v + before, last], axis=-1)
+        # the parts sum to 1 exactly in theory; normalising removes the rounding of Φ(u) + Φ(−u)
+        return pt.exp(log_w - pt.logsumexp(log_w, axis=-1, keepdims=True))
+
+    def log_jac_det(self, value, *inputs):
+        value = pt.as_tensor(value)
+        _, before, _ = self._log_parts(value)
+        return pt.sum(-0.5 * pt.sqr(value) - _HALF_LOG_2PI + before, axis=-1)
+
+
+class OrderedProbitStickBreaking(ProbitStickBreaking):
+    """Decreasing weights ``w_1 ≥ w_2 ≥ … ≥ w_k`` from ``k - 1`` unconstrained coordinates.
+
+    The spacings ``e_l = l (w_l − w_{l+1})`` (``w_{k+1} = 0``) lie on the simplex exactly when the
+    weights are decreasing and sum to 1 (``Σ_l e_l = Σ_j w_j``), so ``w_j = Σ_{l≥j} e_l / l`` with
+    ``e`` from `ProbitStickBreaking`. The map ``e → w`` is linear: its log-determinant (on the
+    first ``k - 1`` coordinates) is a constant, added to the stick-breaking one.
+
+    With a ``Dirichlet(α 1)`` prior this is the Dirichlet restricted to decreasing weights (up to the
+    constant ``k!``): for an exchangeable prior and likelihood, the posterior of every label-invariant
+    quantity (λ, the mixing measure, the loss, the predictive density) is the same, and label ``k``
+    is always the lightest expert -- an emptied expert never trades labels with an occupied one.
+    """
+
+    name = "ordered_probit_stick_breaking"
+
+    def __init__(self, k: int):
+        self.k = int(k)
+        ls = np.arange(1, self.k + 1, dtype=float)
+        # w_j (j < k) as a function of e_1..e_{k-1}, with e_k = 1 - Σ e: ∂w_j/∂e_m = [m ≥ j]/m − 1/k
+        A = np.triu(np.ones((self.k - 1, self.k - 1))) / ls[None, : self.k - 1] - 1.0 / self.k
+        self._log_det = float(np.linalg.slogdet(A)[1]) if self.k > 1 else 0.0
+        self._inv_l = 1.0 / ls
+
+    def forward(self, value, *inputs):
+        value = pt.as_tensor(value)
+        nxt = pt.concatenate([value[..., 1:], pt.zeros_like(value[..., :1])], axis=-1)
+        e = pt.maximum((value - nxt) / self._inv_l, 1e-12)  # ties (equal weights) kept just inside
+        return super().forward(e / pt.sum(e, axis=-1, keepdims=True))
+
+    def backward(self, value, *inputs):
+        e = super().backward(value)
+        return pt.cumsum((e * self._inv_l)[..., ::-1], axis=-1)[..., ::-1]
+
+    def log_jac_det(self, value, *inputs):
+        return super().log_jac_det(value) + self._log_det
+
+
+def mixing_transforms(priors: Priors, k: int) -> dict[str, Any]:
+    """Value transforms of ``lam`` and ``weights`` (`Priors.mixing_transform`, ``Priors.order ==
+    "weights"``; PyMC's defaults in MLE mode and for ``"logit"``)."""
+    probit = priors.mixing_transform == "probit" or (priors.mixing_transform == "auto" and priors.order == "weights")
+    if priors.mle or not probit:
+        return {"lam": {}, "weights": {}}
+    weights = OrderedProbitStickBreaking(k) if priors.order == "weights" else ProbitStickBreaking()
+    return {"lam": {"default_transform": ProbitTransform()}, "weights": {"default_transform": weights}}
+
+
 # ---------------------------------------------------------------------------------------------- model
 def _std_normal_dist(size):
     return pm.Normal.dist(0.0, 1.0, size=size)
@@ -424,8 +593,9 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     pymc.Model
         With the variables listed in the module docstring. Default priors::
 
-            lam              ~ Beta(lam_alpha, lam_beta)
-            weights          ~ Dirichlet(dirichlet_alpha · 1)          (constant gating, k >= 2)
+            lam              ~ Beta(lam_alpha, lam_beta)               (sampled as Φ⁻¹(lam))
+            weights          ~ Dirichlet(dirichlet_alpha · 1)          (constant gating, k >= 2;
+                                                                        probit stick-breaking)
             gate_intercepts  ~ Normal(0, gate_scale), last = 0         (softmax gating)
             gate_slopes      ~ Normal(0, gate_scale), last row = 0     (softmax gating)
             slopes[i, j]     ~ Normal(0, slope_scale[j])
@@ -471,10 +641,11 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
         variance_scale = pm.Data("variance_scale", data["variance_scale"])
 
         # deviation proportion
+        mixing = mixing_transforms(priors, k)
         if mle:
             lam = pm.Uniform("lam", 0.0, 1.0)
         else:
-            lam = pm.Beta("lam", priors.lam_alpha, priors.lam_beta)
+            lam = pm.Beta("lam", priors.lam_alpha, priors.lam_beta, **mixing["lam"])
         log_lam, log_1m_lam = pt.log(lam), pt.log1p(-lam)
 
         # gates
@@ -484,7 +655,7 @@ def build_model(X, Y, known: KnownFunction, k: int, gating: str = "constant",
                 log_w = pt.stack([log_1m_lam, log_lam])
             else:
                 alpha = 1.0 if mle else priors.dirichlet_alpha
-                weights = pm.Dirichlet("weights", np.full(k, alpha), dims="expert")
+                weights = pm.Dirichlet("weights", np.full(k, alpha), dims="expert", **mixing["weights"])
                 log_w = pt.concatenate([pt.shape_padleft(log_1m_lam), log_lam + pt.log(weights)])
             gate_b0 = pt.zeros((k,))
             gate_b1 = pt.zeros((k, d))

@@ -8,10 +8,13 @@ from typing import Any
 from .bounds import Bounds
 from .validation import check_positive
 
-__all__ = ["ORDERINGS", "Priors"]
+__all__ = ["MIXING_TRANSFORMS", "ORDERINGS", "Priors"]
 
-#: Ordering constraints that limit label switching: ``"none"`` or the parameter kept increasing.
-ORDERINGS = ("none", "intercepts")
+#: Ordering constraints that limit label switching: ``"none"``, increasing intercepts or decreasing weights.
+ORDERINGS = ("none", "intercepts", "weights")
+
+#: Unconstrained coordinates in which the sampler moves λ and the weights (the prior is the same).
+MIXING_TRANSFORMS = ("auto", "probit", "logit")
 
 
 @dataclass(frozen=True)
@@ -33,13 +36,26 @@ class Priors:
         ``None`` uses the standard deviation of ``Y``.
     gate_scale : float
         Standard deviation of the Normal priors on softmax gating parameters.
-    order : {"none", "intercepts"}
+    order : {"none", "intercepts", "weights"}
         Ordering constraint to limit label switching (the Voronoi loss is label-invariant anyway).
+        ``"weights"`` (constant gating): decreasing weights, so the last expert is always the lightest;
+        in an over-fitted model an emptied expert then never swaps labels with an occupied one
+        (such swaps during warm-up left nutpie's mass matrix fitted to the wrong labels and chains
+        stuck). Softmax gating ignores it.
     mle : bool
         MLE mode: flat priors on every parameter, so that the MAP estimate is the MLE.
     bounds : Bounds or dict
         Box bounds that make the parameter space compact (DESIGN.md 4.5); priors are truncated to
         them. Default: unbounded. A mapping is read with `Bounds.from_dict`.
+    mixing_transform : {"auto", "probit", "logit"}
+        The unconstrained coordinates the sampler moves λ and the weights in; the prior (and the
+        posterior) is the same either way, an exact change of variables. ``"probit"``: ``λ = Φ(u)``
+        and stick-breaking weights with fractions ``Φ(u_j)`` (`bayes_dgme.model`): an emptied
+        expert's weight is one coordinate with a Gaussian tail; ``"logit"``: PyMC's defaults
+        (log-odds λ, centred log-ratio simplex), where an emptied weight enters every coordinate.
+        ``"auto"`` (default): ``"probit"`` with ``order = "weights"`` (which needs it), else
+        ``"logit"``. MLE mode always uses PyMC's defaults (the MAP point is computed without
+        Jacobians, and an optimiser should not chase ``Φ(u) → 0``).
     """
 
     lam_alpha: float = 1.0
@@ -52,6 +68,7 @@ class Priors:
     order: str = "none"
     mle: bool = False
     bounds: Bounds = field(default_factory=Bounds)
+    mixing_transform: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.bounds, Bounds):
@@ -63,6 +80,11 @@ class Priors:
                 check_positive(f"priors.{name}", getattr(self, name))
         if self.order not in ORDERINGS:
             raise ValueError(f"priors.order: unknown ordering {self.order!r}; choose one of {list(ORDERINGS)}")
+        if self.mixing_transform not in MIXING_TRANSFORMS:
+            raise ValueError(f"priors.mixing_transform: unknown transform {self.mixing_transform!r}; "
+                             f"choose one of {list(MIXING_TRANSFORMS)}")
+        if self.order == "weights" and self.mixing_transform == "logit" and not self.mle:
+            raise ValueError('priors.mixing_transform: order = "weights" needs "probit" (or "auto"), got "logit"')
         if not isinstance(self.mle, bool):
             raise ValueError(f"priors.mle: expected true or false, got {self.mle!r}")
 
@@ -89,6 +111,8 @@ class Priors:
 
     def to_dict(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if v is not None and k != "bounds"}
+        if self.mixing_transform == "auto":  # the default: scenario files written before it stay equal
+            del out["mixing_transform"]
         if not self.bounds.is_unbounded:
             out["bounds"] = self.bounds.to_dict()
         return out

@@ -212,10 +212,11 @@ def start_near(compiled: CompiledModel, est: Params, jitter: float = 0.1) -> Com
     if est.weights is None:
         return None
     m, data, nm = compiled.model, compiled.data, compiled.nutpie_model
-    order = np.argsort(est.intercepts, kind="stable")
+    by_weight = model_spec(m).priors.order == "weights"  # decreasing weights (bayes_dgme.model)
+    order = np.argsort(-est.weights if by_weight else est.intercepts, kind="stable")
     w = np.clip(est.weights[order], 1e-3, None)
     ints_z = (est.intercepts[order] - float(data["intercept_loc"])) / float(data["intercept_scale"])
-    for i in range(1, ints_z.size):  # strictly increasing for the ordered transform
+    for i in range(1, ints_z.size if not by_weight else 0):  # strictly increasing for the ordered transform
         ints_z[i] = max(ints_z[i], ints_z[i - 1] + 1e-3)
     values = {
         "lam": np.clip(float(est.lam), 0.02, 0.98), "weights": w / w.sum(),

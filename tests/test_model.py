@@ -5,8 +5,9 @@ variables are ``lam``, ``weights`` (constant gating), ``gate_intercepts_free``/`
 (softmax gating), and the standardised ``slopes_z``, ``intercepts_z``, ``sds_z`` with
 ``slopes = slope_scale · slopes_z``, ``intercepts = intercept_loc + intercept_scale ·
 intercepts_z``, ``variances = (variance_scale · sds_z)²``. The prior densities below are those of
-these variables, computed with scipy; the log-Jacobians of the value transforms (logodds, log,
-ordered, simplex) are checked separately, against formulas and a finite-difference determinant.
+these variables, computed with scipy; the log-Jacobians of the value transforms (probit or logodds,
+log, ordered, probit stick-breaking or simplex) are checked separately, against formulas and a
+finite-difference determinant, and the probit coordinates' implied prior by quadrature.
 """
 
 from __future__ import annotations
@@ -141,30 +142,184 @@ def test_logp_with_user_scales_and_pointwise():
     np.testing.assert_allclose(pointwise, bd.loglik_pointwise(params, X, Y, known), rtol=1e-10)
 
 
-def test_jacobians_of_value_transforms():
+@pytest.mark.parametrize("mixing", ["probit", "logit"])
+def test_jacobians_of_value_transforms(mixing):
     known = KNOWNS["student_t"]
     X, Y = _data(known)
-    model = bd.build_model(X, Y, known, 3, priors=bd.Priors(order="intercepts"))
+    model = bd.build_model(X, Y, known, 3, priors=bd.Priors(order="intercepts", mixing_transform=mixing))
     z = _random_point(np.random.default_rng(3), 3, 2, "constant", ordered=True)
     point = _to_value_space(model, z)
     with_jac = model.compile_logp(jacobian=True, **FAST)(point)
     without = model.compile_logp(jacobian=False, **FAST)(point)
     lam, sds, icpt = z["lam"], z["sds_z"], z["intercepts_z"]
-    # logodds: dλ/du = λ(1-λ); log: dσ/du = σ; ordered: x_i = x_{i-1} + exp(u_i)
-    expected = np.log(lam * (1 - lam)) + np.log(sds).sum() + np.log(np.diff(icpt)).sum()
+    # logodds: dλ/du = λ(1-λ); probit: dλ/du = φ(u), u = Φ⁻¹(λ); log: dσ/du = σ; ordered: x_i = x_{i-1} + exp(u_i)
+    lam_jac = np.log(lam * (1 - lam)) if mixing == "logit" else stats.norm.logpdf(stats.norm.ppf(lam))
+    expected = lam_jac + np.log(sds).sum() + np.log(np.diff(icpt)).sum()
     # simplex: log|det| of u -> (w_1..w_{k-1}) by central differences of the model's own backward map
     rv = model["weights"]
     tr = model.rvs_to_transforms[rv]
-    u0 = point["weights_simplex__"]
+    name = model.rvs_to_values[rv].name
+    u0 = point[name]
     backward = model.compile_fn(tr.backward(model.rvs_to_values[rv]), inputs=[model.rvs_to_values[rv]], **FAST)
     h = 1e-6
     J = np.empty((2, 2))
     for j in range(2):
         e = np.zeros(2)
         e[j] = h
-        J[:, j] = (backward({"weights_simplex__": u0 + e})[:2] - backward({"weights_simplex__": u0 - e})[:2]) / (2 * h)
+        J[:, j] = (backward({name: u0 + e})[:2] - backward({name: u0 - e})[:2]) / (2 * h)
     expected += np.log(abs(np.linalg.det(J)))
     assert with_jac - without == pytest.approx(expected, rel=1e-6)
+
+
+def _stick_weights(u):
+    """Probit stick-breaking by hand (numpy, scipy): w_j = Φ(u_j) Π_{l<j} Φ(−u_l), w_k = Π Φ(−u_l)."""
+    from scipy.special import ndtr
+
+    v = ndtr(u)
+    rest = np.cumprod(ndtr(-u), axis=-1)  # 1 - Φ(u) without cancellation
+    before = np.concatenate([np.ones_like(rest[..., :1]), rest[..., :-1]], axis=-1)
+    return np.concatenate([v * before, rest[..., -1:]], axis=-1)
+
+
+def test_probit_stick_breaking_round_trip_and_tails():
+    import pytensor
+    import pytensor.tensor as pt
+
+    from bayes_dgme.model import ProbitStickBreaking
+
+    tr = ProbitStickBreaking()
+    u = pt.dmatrix("u")
+    back = pytensor.function([u], tr.backward(u), **FAST)
+    fwd = pytensor.function([u], tr.forward(tr.backward(u)), **FAST)
+    rng = np.random.default_rng(5)
+    U = rng.normal(0, 3, size=(50, 3))  # k = 4
+    W = back(U)
+    np.testing.assert_allclose(W, _stick_weights(U), rtol=1e-10, atol=1e-300)
+    np.testing.assert_allclose(W.sum(-1), 1.0, rtol=1e-14)
+    # forward (used for start points only) is ill-conditioned where Φ(u) rounds towards 1: |u| < 5 here
+    inner = np.clip(U, -5, 5)
+    np.testing.assert_allclose(fwd(inner), inner, rtol=1e-7, atol=1e-7)
+    # an emptied weight far in the tail is still positive and exact in log space
+    w = back(np.array([[-35.0, 0.0, 0.0]]))[0]
+    assert 0 < w[0] < 1e-250 and np.log(w[0]) == pytest.approx(stats.norm.logcdf(-35.0), rel=1e-10)
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_probit_mixing_implies_the_spec_prior(alpha):
+    """The implied prior in probit coordinates is exactly Dirichlet(α) / Beta(a, b): quadrature of the
+    model's transformed density (prior logp + log-Jacobian) over a grid of u integrates to 1 and gives
+    the Dirichlet's and Beta's first and second moments. Grid: step 0.04 over ±8/√α (the density's
+    Gaussian tails have variance ≤ 1/α, so the truncated mass is below 1e-13); the midpoint rule on
+    such a smooth integrand is accurate to far better than the 1e-4 tolerance."""
+    import pytensor
+    import pytensor.tensor as pt
+
+    from bayes_dgme.model import ProbitStickBreaking, ProbitTransform
+
+    k = 3
+    tr = ProbitStickBreaking()
+    u = pt.dmatrix("u")
+    w = tr.backward(u)
+    dens = pm.logp(pm.Dirichlet.dist(np.full(k, alpha)), w) + tr.log_jac_det(u)
+    f = pytensor.function([u], [pt.exp(dens), w], **FAST)
+    h = 0.04
+    g = np.arange(-8 / np.sqrt(alpha), 8 / np.sqrt(alpha), h) + h / 2
+    G1, G2 = np.meshgrid(g, g, indexing="ij")
+    p, W = f(np.stack([G1.ravel(), G2.ravel()], -1))
+    mass = p.sum() * h * h
+    assert mass == pytest.approx(1.0, abs=1e-4)
+    mean = (p[:, None] * W).sum(0) * h * h
+    second = (p[:, None] * W**2).sum(0) * h * h
+    a0 = k * alpha
+    np.testing.assert_allclose(mean, 1 / k, atol=1e-4)
+    np.testing.assert_allclose(second, alpha * (alpha + 1) / (a0 * (a0 + 1)), atol=1e-4)
+    # λ ~ Beta(a, b) through λ = Φ(u), with b = α < 1 (a density unbounded at 1)
+    a, b = 2.0, alpha
+    lt = ProbitTransform()
+    x = pt.dvector("x")
+    lam = lt.backward(x)
+    fl = pytensor.function([x], [pt.exp(pm.logp(pm.Beta.dist(a, b), lam) + lt.log_jac_det(x)), lam], **FAST)
+    gl = g[np.abs(g) < 8]  # Φ(u) rounds to 1 beyond 8.3; the Beta(2, 0.5) mass left out is ~3e-8
+    pl, L = fl(gl)
+    assert pl.sum() * h == pytest.approx(1.0, abs=1e-6)
+    assert (pl * L).sum() * h == pytest.approx(a / (a + b), abs=1e-6)
+
+
+def test_weight_ordering_implies_the_ordered_dirichlet():
+    """order="weights": decreasing weights, and the transformed density integrates (quadrature, as
+    above) to 1/k! -- the ordered region's share of Dirichlet(1) -- with the means of the ordered
+    uniform spacings, E[w_(i)] = (1/k) Σ_{j≥i} 1/j (an independent, classical result)."""
+    import pytensor
+    import pytensor.tensor as pt
+
+    from bayes_dgme.model import OrderedProbitStickBreaking
+
+    k = 3
+    tr = OrderedProbitStickBreaking(k)
+    u = pt.dmatrix("u")
+    w = tr.backward(u)
+    f = pytensor.function([u], [pt.exp(pm.logp(pm.Dirichlet.dist(np.ones(k)), w) + tr.log_jac_det(u)), w], **FAST)
+    h = 0.04
+    g = np.arange(-8, 8, h) + h / 2
+    G1, G2 = np.meshgrid(g, g, indexing="ij")
+    p, W = f(np.stack([G1.ravel(), G2.ravel()], -1))
+    assert np.all(np.diff(W, axis=-1) <= 0)
+    assert p.sum() * h * h == pytest.approx(1 / 6, abs=1e-5)
+    mean = (p[:, None] * W).sum(0) * h * h * 6
+    np.testing.assert_allclose(mean, [11 / 18, 5 / 18, 1 / 9], atol=1e-4)
+    # round trip from decreasing weights (the start points' direction)
+    fwd = pytensor.function([u], tr.forward(tr.backward(u)), **FAST)
+    U = np.random.default_rng(2).normal(size=(20, 2))
+    np.testing.assert_allclose(fwd(U), U, atol=1e-7)
+
+
+def test_weight_ordering_in_the_model():
+    known = KNOWNS["student_t"]
+    X, Y = _data(known, n=40)
+    model = bd.build_model(X, Y, known, 3, priors=bd.Priors(order="weights"))
+    assert "weights_ordered_probit_stick_breaking__" in {v.name for v in model.value_vars}
+    rng = np.random.default_rng(4)
+    z = _random_point(rng, 3, 2, "constant", ordered=False)
+    z["weights"] = np.sort(z["weights"])[::-1]
+    expected, _ = _expected_logp(z, X, Y, known, 3, "constant", bd.Priors())
+    assert model.compile_logp(jacobian=False, **FAST)(_to_value_space(model, z)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_mixing_transform_setting():
+    known = KNOWNS["student_t"]
+    X, Y = _data(known, n=30)
+
+    def value_names(**kw):
+        return {v.name for v in bd.build_model(X, Y, known, 3, priors=bd.Priors(**kw)).value_vars}
+
+    assert {"lam_probit__", "weights_probit_stick_breaking__"} <= value_names(mixing_transform="probit")
+    assert {"lam_logodds__", "weights_simplex__"} <= value_names()  # "auto" without the weight order
+    assert {"lam_probit__", "weights_ordered_probit_stick_breaking__"} <= value_names(order="weights")
+    # MLE mode keeps PyMC's transforms (the MAP point is Jacobian-free)
+    assert "weights_simplex__" in value_names(mle=True, mixing_transform="probit")
+    with pytest.raises(ValueError, match=r"priors\.mixing_transform"):
+        bd.Priors(mixing_transform="softmax")
+    with pytest.raises(ValueError, match=r"priors\.mixing_transform"):
+        bd.Priors(order="weights", mixing_transform="logit")
+    assert "mixing_transform" not in bd.Priors().to_dict()
+    assert bd.Priors.from_dict(bd.Priors(mixing_transform="probit").to_dict()).mixing_transform == "probit"
+
+
+def test_em_start_is_pulled_inside_the_box():
+    from bayes_dgme.pipeline import START_MARGIN, inside_box
+
+    box = bd.Bounds(slope=(-10, 10), intercept=(-10, 10), variance=(0.01, 25.0))
+    est = bd.Params(lam=0.6, weights=[0.003, 0.6, 0.397], slopes=[[0.2], [1.6], [-10.0]],
+                    intercepts=[-10.0, -2.4, 2.5], variances=[0.01, 0.6, 25.0])
+    got = inside_box(est, box)
+    m = START_MARGIN * 20
+    assert got.intercepts[0] == pytest.approx(-10 + m) and got.slopes[2, 0] == pytest.approx(-10 + m)
+    sd_margin = START_MARGIN * (5.0 - 0.1)
+    assert np.sqrt(got.variances[0]) == pytest.approx(0.1 + sd_margin)
+    assert np.sqrt(got.variances[2]) == pytest.approx(5.0 - sd_margin)
+    np.testing.assert_array_equal(got.intercepts[1:], est.intercepts[1:])  # interior values unchanged
+    assert got.lam == est.lam and np.array_equal(got.weights, est.weights)
+    assert inside_box(est, bd.Bounds()) is est and inside_box(None, box) is None
 
 
 def test_data_scales_documented_formula():
