@@ -182,19 +182,12 @@ def _unconstrain_function(model: Any) -> tuple[Any, list[tuple[str, str]]]:
 
 
 def _em_start(model: pm.Model, data: dict[str, Any], seed: int) -> Params | None:
-    """EM estimate on the model's own data, as a chain start (``None`` for softmax gating or on failure)."""
-    from .em import fit_em
+    """`bayes_dgme.pipeline.em_start` on the model's own data (``None`` for softmax gating or on failure)."""
+    from .pipeline import em_start  # lazily: pipeline imports this module
 
     spec = model_spec(model)
-    if spec.gating != "constant":
-        return None
-    try:
-        with warnings.catch_warnings():  # EM's warnings concern the start, not the posterior
-            warnings.simplefilter("ignore")
-            return fit_em(data["X"], data["Y"], None, spec.k, seed=seed, restarts=3,
-                          log_g0=data["log_g0"]).params
-    except ValueError:  # e.g. too few observations for EM: the sampler's own start
-        return None
+    return em_start(data["X"], data["Y"], spec.known, spec.k, gating=spec.gating, seed=seed,
+                    log_g0=data["log_g0"], priors=spec.priors)
 
 
 def start_near(compiled: CompiledModel, est: Params, jitter: float = 0.1) -> CompiledModel | None:
@@ -273,14 +266,14 @@ def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000,
     cores : int, optional
         Chains run in parallel (default ``chains``).
     init : "em", Params or None, default "em"
-        Where the chains start. ``"em"``: near an EM estimate on the model's own data (one EM restart
-        set, seeded from ``seed``); a `Params`: near that point estimate; ``None``: the model's
-        default start. Each chain adds a small seeded jitter (see `start_near`). At large n, chains
-        started at the default point can stay in a spurious mode for the whole run (seen at
-        n = 1000 on ``d1_exact``: λ stuck at 0.35, R-hat 1.84); an EM start avoids that. The posterior
-        is unchanged, but chains that start together are less able to reveal multimodality through
-        R-hat. Used for constant gating with nutpie; otherwise the default start is used (with a
-        warning when a `Params` was given).
+        Where the chains start. ``"em"``: near `bayes_dgme.pipeline.em_start` on the model's own data
+        (seeded from ``seed``; the same start as `bayes_dgme.fit_posterior`); a `Params`: near that
+        point estimate; ``None``: the model's default start. Each chain adds a small seeded jitter (see
+        `start_near`). At large n, chains started at the default point can stay in a spurious mode for
+        the whole run (seen at n = 1000 on ``d1_exact``: λ stuck at 0.35, R-hat 1.84); an EM start
+        avoids that. The posterior is unchanged, but chains that start together are less able to reveal
+        multimodality through R-hat. Used for constant gating with nutpie; otherwise the default start
+        is used (with a warning when a `Params` was given).
     **kwargs
         Passed to ``nutpie.sample`` or ``pymc.sample``.
 

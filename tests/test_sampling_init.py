@@ -66,3 +66,26 @@ def test_sample_with_init_and_its_errors(over_model):
                         intercepts=[[-1.0, 0.0, 1.0]] * 2, variances=[[0.5, 0.5, 0.5]] * 2)
     with pytest.raises(ValueError, match=r"^init: expected a point estimate without batch"):
         bd.sample(model, draws=5, tune=5, init=batched)
+
+
+def test_init_em_uses_the_pipeline_start(over_model, monkeypatch):
+    # sample(init="em") and fit_posterior share one EM start: sample calls pipeline.em_start on the
+    # model's own data, known density, k, gating, priors and seed.
+    from bayes_dgme import pipeline
+
+    sc, X, Y, model = over_model
+    calls = []
+
+    def spy(X_, Y_, known, k, **kw):
+        calls.append((X_, Y_, known, k, kw))
+        return None  # no start: the sampler's default
+
+    monkeypatch.setattr(pipeline, "em_start", spy)
+    bd.sample(model, draws=5, tune=5, chains=1, seed=7, progressbar=False, log_likelihood=False)
+    assert len(calls) == 1
+    X_, Y_, known, k, kw = calls[0]
+    np.testing.assert_array_equal(X_, np.asarray(X, dtype=float).reshape(len(Y), -1))
+    np.testing.assert_array_equal(Y_, Y)
+    assert known is sc.truth.known and k == 3 and kw["gating"] == "constant" and kw["seed"] == 7
+    assert kw["priors"] == sc.priors
+    np.testing.assert_allclose(kw["log_g0"], bd.known.log_density(sc.truth.known, Y, X))
