@@ -82,7 +82,8 @@ class CompiledModel:
 
 
 def compile_model(model: pm.Model | CompiledModel, **kwargs) -> CompiledModel:
-    """Compile ``model`` for nutpie (cached: a second call on the same model is free).
+    """Compile ``model`` for nutpie (cached: a second call on the same model is free; a second process
+    compiling a model of the same structure loads it from `bayes_dgme.compile_cache`).
 
     Parameters
     ----------
@@ -98,13 +99,27 @@ def compile_model(model: pm.Model | CompiledModel, **kwargs) -> CompiledModel:
     model_spec(model)
     if not kwargs and model in _COMPILED:
         return _COMPILED[model]
-    import nutpie
-
     data = {name: np.asarray(model[name].get_value()) for name in DATA_NAMES}
-    compiled = CompiledModel(model, nutpie.compile_pymc_model(model, **kwargs), data)
+    compiled = CompiledModel(model, _compile_nutpie(model, data, kwargs), data)
     if not kwargs:
         _COMPILED[model] = compiled
     return compiled
+
+
+def _compile_nutpie(model: pm.Model, data: dict[str, Any], kwargs: dict[str, Any]):
+    """nutpie's compiled model: through `bayes_dgme.compile_cache` (compiled once per machine) unless
+    nutpie options are given or the cache is disabled; nutpie's own compilation if the cache fails."""
+    import nutpie
+
+    from . import compile_cache
+
+    if not kwargs and compile_cache.enabled():
+        try:
+            return compile_cache.compile_nutpie(model, data)
+        except Exception as exc:  # the cache is an optimisation: never the reason a fit fails
+            warnings.warn(f"compile cache: {type(exc).__name__}: {exc}; compiling with nutpie directly",
+                          RuntimeWarning, stacklevel=3)
+    return nutpie.compile_pymc_model(model, **kwargs)
 
 
 def _seed_int(seed) -> int:
