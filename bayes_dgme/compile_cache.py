@@ -38,6 +38,7 @@ import io
 import os
 import pickle
 import sys
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -258,18 +259,24 @@ _MEMO: dict[str, tuple] = {}
 def _lazy_initial_point(model):
     """nutpie's initial-point function of ``model``, built on first call (PyMC compiles it)."""
     state: dict[str, Any] = {}
+    lock = threading.Lock()  # nutpie asks for the chains' starts from several threads
 
     def initial_point(seed):
-        if "fn" not in state:
-            from nutpie.compile_pymc import _rv_dict_to_flat_array_wrapper, _wrap_with_lock
-            from pymc.initial_point import make_initial_point_fn
-
-            fn = make_initial_point_fn(model=model, jitter_rvs=set(model.free_RVs), return_transformed=True)
-            state["fn"] = _rv_dict_to_flat_array_wrapper(_wrap_with_lock(fn), names=state["names"],
-                                                         shapes=state["shapes"])
-        return state["fn"](seed)
+        with lock:  # also around the call: a PyTensor function is not thread-safe
+            if "fn" not in state:
+                state["fn"] = _initial_point_fn(model, state["names"], state["shapes"])
+            return state["fn"](seed)
 
     return initial_point, state
+
+
+def _initial_point_fn(model, names, shapes):
+    """nutpie's default start: PyMC's support point of every free variable, jittered, flattened."""
+    from nutpie.compile_pymc import _rv_dict_to_flat_array_wrapper
+    from pymc.initial_point import make_initial_point_fn
+
+    fn = make_initial_point_fn(model=model, jitter_rvs=set(model.free_RVs), return_transformed=True)
+    return _rv_dict_to_flat_array_wrapper(fn, names=names, shapes=shapes)
 
 
 def _shared_value(model, name: str, data: dict[str, Any]) -> np.ndarray:
