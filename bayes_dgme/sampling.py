@@ -9,12 +9,14 @@ nutpie (the default) compiles the model once per `pymc.Model`; for many datasets
     from bayes_dgme.sampling import compile_model
 
     model = bd.build_model(X, Y, known, k)
-    compiled = compile_model(model)                          # numba compile, 20-60 s
+    compiled = compile_model(model)                          # first time on a machine 20-60 s; then ~1 s
     tree = bd.sample(compiled, seed=1)                       # the model's own data
     tree2 = bd.sample(compiled.with_data(X2, Y2), seed=1)    # new data, no recompilation
 
 ``X2`` may have another number of rows, but the same ``d`` (and the same ``k``, ``gating``,
-``known`` and ``priors`` as the model). Draws from ``compiled.with_data(X2, Y2)`` are identical to
+``known`` and ``priors`` as the model). Compilation goes through `bayes_dgme.compile_cache`: a model of
+the same structure (``k``, ``d``, gating, priors) compiled once on this machine, in any process, is
+loaded from disk. Draws from ``compiled.with_data(X2, Y2)`` are identical to
 draws from a freshly built and compiled model on ``(X2, Y2)`` with the same seed.
 """
 
@@ -205,6 +207,15 @@ def _em_start(model: pm.Model, data: dict[str, Any], seed: int) -> Params | None
                     log_g0=data["log_g0"], priors=spec.priors)
 
 
+def _inside(values: np.ndarray, box: tuple[float, float] | None, margin: float = 1e-3) -> np.ndarray:
+    """``values`` clipped into ``box`` shrunk by ``margin`` of its width at each end (``None``: unchanged)."""
+    if box is None:
+        return np.asarray(values, dtype=float)
+    lo, hi = box
+    pad = margin * (hi - lo)
+    return np.clip(np.asarray(values, dtype=float), lo + pad, hi - pad)
+
+
 def start_near(compiled: CompiledModel, est: Params, jitter: float = 0.1) -> CompiledModel | None:
     """``compiled`` with every nutpie chain started near the point estimate ``est`` (e.g. EM's).
 
@@ -212,7 +223,8 @@ def start_near(compiled: CompiledModel, est: Params, jitter: float = 0.1) -> Com
     `bayes_dgme.model`, then PyMC's transforms of each free variable) and each chain starts there
     plus a uniform jitter of ``±jitter`` per coordinate (seeded by nutpie's chain seed). Experts are
     put in increasing order of intercepts (valid under the ``"intercepts"`` ordering; harmless
-    otherwise); weights and λ are kept off the boundary. Returns ``None`` when the model has free
+    otherwise); weights and λ are kept off the boundary, and parameters outside the model's bounds
+    (``priors.bounds``) start just inside them. Returns ``None`` when the model has free
     variables this mapping does not know (e.g. softmax gating): the sampler's own start is used.
     """
     import dataclasses
@@ -220,16 +232,21 @@ def start_near(compiled: CompiledModel, est: Params, jitter: float = 0.1) -> Com
     if est.weights is None:
         return None
     m, data, nm = compiled.model, compiled.data, compiled.nutpie_model
+    bounds = model_spec(m).priors.bounds
     order = np.argsort(est.intercepts, kind="stable")
     w = np.clip(est.weights[order], 1e-3, None)
-    ints_z = (est.intercepts[order] - float(data["intercept_loc"])) / float(data["intercept_scale"])
+    # an estimate on or outside the model's box (e.g. EM run without the bounds) starts just inside it
+    slopes = _inside(est.slopes[order], bounds.slope)
+    intercepts = _inside(est.intercepts[order], bounds.intercept)
+    variances = _inside(est.variances[order], bounds.variance)
+    ints_z = (intercepts - float(data["intercept_loc"])) / float(data["intercept_scale"])
     for i in range(1, ints_z.size):  # strictly increasing for the ordered transform
         ints_z[i] = max(ints_z[i], ints_z[i - 1] + 1e-3)
     values = {
         "lam": np.clip(float(est.lam), 0.02, 0.98), "weights": w / w.sum(),
-        "slopes_z": est.slopes[order] / np.asarray(data["slope_scale"], dtype=float),
+        "slopes_z": slopes / np.asarray(data["slope_scale"], dtype=float),
         "intercepts_z": ints_z,
-        "sds_z": np.sqrt(est.variances[order]) / float(data["variance_scale"]),
+        "sds_z": np.sqrt(variances) / float(data["variance_scale"]),
     }
     names = list(nm.shape_info[0])
     slices = nm.shape_info[1]

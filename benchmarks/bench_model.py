@@ -244,6 +244,9 @@ def main(argv=None) -> list[dict]:
             cell = bench_cell(name, args.n, seed, settings, args.chains, warm=s == 0)
             for model, r in cell.items():
                 rows.append({"scenario": name, "seed": seed, "model": model, **r})
+            if args.json:  # after every fit: a long run that is cut short keeps what it measured
+                with open(args.json, "w") as fh:
+                    json.dump({"args": vars(args), "load": [start_load, load()], "rows": rows}, fh, indent=2)
             o, p = cell["bayes_dgme"], cell["plain"]
             log(f"{name} seed {seed}: grad {o['grad_ns_obs']:.1f} vs {p['grad_ns_obs']:.1f} ns/obs; "
                 f"ESS/s λ {o['ess_per_s_lam']:.2f} vs {p['ess_per_s_lam']:.2f}; "

@@ -89,3 +89,18 @@ def test_init_em_uses_the_pipeline_start(over_model, monkeypatch):
     assert known is sc.truth.known and k == 3 and kw["gating"] == "constant" and kw["seed"] == 7
     assert kw["priors"] == sc.priors
     np.testing.assert_allclose(kw["log_g0"], bd.known.log_density(sc.truth.known, Y, X))
+
+
+def test_start_near_moves_an_estimate_outside_the_box_inside(over_model):
+    # d1_over bounds the variances to [0.01, 25]: an EM estimate run without the box (variance 0.005)
+    # starts just inside it (0.1% of the width), the other parameters exactly at the estimate
+    sc, _, _, model = over_model
+    lo, hi = sc.priors.bounds.variance
+    est = bd.Params(lam=0.5, weights=[0.3, 0.3, 0.4], slopes=[[1.0], [0.0], [-1.0]],
+                    intercepts=[-1.0, 0.0, 1.0], variances=[0.5, 0.005, 0.8])
+    started = start_near(compile_model(model), est, jitter=0.0)
+    assert started is not None
+    _, _, a, b, v = _start_in_parameter_space(model, started)
+    np.testing.assert_allclose(v, [0.5, lo + 1e-3 * (hi - lo), 0.8], rtol=1e-10)
+    np.testing.assert_allclose(b, est.intercepts, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(a, est.slopes, rtol=1e-10, atol=1e-12)
