@@ -20,9 +20,11 @@ read from the forward pass at no cost; otherwise (a weighted sum) a second pass 
 ``Σ_n g_n ∇ℓ_n``. Second derivatives are not implemented.
 
 Implementations: numpy (``perform``, used by PyMC's own NUTS, ``find_MAP`` and the Python linker) and
-numba (registered for PyTensor's numba backend, what nutpie compiles, with a stable cache key so numba
-caches it on disk). Everything is in log space: λ near 0 or 1 (``log w`` down to ``-inf``) and tiny
-variances are safe, and a term whose responsibility underflows to 0 contributes nothing.
+numba (`bayes_dgme._fused_kernel`: one pass over the rows in chunks, with its own vectorisable ``exp``
+and ``log`` so that LLVM vectorises the row loops; registered for PyTensor's numba backend, what nutpie
+compiles, with a stable cache key so numba caches it on disk). Everything is in log space: λ near 0 or 1
+(``log w`` down to ``-inf``) and tiny variances are safe, and a term whose responsibility underflows to
+0 contributes nothing.
 
 ``log g0`` enters as data (its precomputed log density), as do ``X`` (shape ``(n, d)``, ``d >= 1``)
 and ``Y``.
@@ -41,7 +43,7 @@ __all__ = ["DGMELogp", "DGMEWeightedGrad", "dgme_logp", "GATINGS", "numpy_kernel
 GATINGS = ("constant", "softmax")
 _LOG_2PI = float(np.log(2 * np.pi))
 #: Version of the kernels, part of the numba cache key (bump it whenever a kernel changes).
-KERNEL_VERSION = 2
+KERNEL_VERSION = 3
 
 _N_PARAMS = 6  # log_w, gate_b0, gate_b1, slopes, intercepts, variances
 _N_DATA = 3  # X, Y, log_g0
@@ -97,159 +99,11 @@ def numpy_kernel(softmax, weights, log_w, b0, b1, A, B, V, X, Y, lg0):
 
 
 # ---------------------------------------------------------------------------------------------- numba
-_NUMBA_KERNEL = None
-#: Rows per block of the numba kernel (its work arrays stay in L1 cache).
-_CHUNK = 256
-#: LLVM fast-math flags of the kernel: reassociation lets the sums over rows vectorise; no 'nnan'/'ninf'
-#: (the kernel relies on -inf terms).
-_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-
-
 def _numba_kernel():
-    """The numba kernel (compiled lazily, cached on disk by numba)."""
-    global _NUMBA_KERNEL
-    if _NUMBA_KERNEL is None:
-        import numba
+    """The numba kernel (`bayes_dgme._fused_kernel.kernel`: vectorised ``exp``/``log``, cached on disk)."""
+    from ._fused_kernel import kernel
 
-        _NUMBA_KERNEL = numba.njit(cache=True, fastmath=_FASTMATH, boundscheck=False, nogil=True)(_loop_kernel)
-    return _NUMBA_KERNEL
-
-
-def _loop_kernel(softmax, weights, log_w, b0, b1, A, B, V, X, Y, lg0):
-    """One pass over the rows (numba), in chunks of rows laid out expert-major so that everything but
-    ``exp``/``log`` vectorises; ``weights`` of length 0 means the plain sum."""
-    n, d = X.shape
-    k = A.shape[0]
-    weighted = weights.shape[0] > 0
-    C = _CHUNK
-    ll = np.empty(n)
-    g_log_w = np.zeros(log_w.shape[0])
-    g_b0 = np.zeros(k)
-    g_b1 = np.zeros((k, d))
-    g_A = np.zeros((k, d))
-    g_B = np.zeros(k)
-    g_V = np.zeros(k)
-    inv_v = np.empty(k)
-    const = np.empty(k)
-    for i in range(k):
-        inv_v[i] = 1.0 / V[i]
-        base = log_w[1] if softmax else log_w[1 + i]
-        const[i] = base - 0.5 * (_LOG_2PI + np.log(V[i]))
-    t = np.empty((k + 1, C))
-    e = np.empty((k, C))
-    q = np.empty((k, C))
-    pi = np.empty((k, C))
-    m = np.empty(C)
-    s = np.empty(C)
-    inv_s = np.empty(C)
-    for start in range(0, n, C):
-        c = min(C, n - start)
-        if softmax:
-            for r in range(c):
-                m[r] = -np.inf
-            for i in range(k):
-                for r in range(c):
-                    eta = b0[i]
-                    for j in range(d):
-                        eta += b1[i, j] * X[start + r, j]
-                    pi[i, r] = eta
-                    m[r] = max(m[r], eta)
-            for r in range(c):
-                s[r] = 0.0
-            for i in range(k):
-                for r in range(c):
-                    pi[i, r] = np.exp(pi[i, r] - m[r])
-                    s[r] += pi[i, r]
-            for r in range(c):
-                inv_s[r] = 1.0 / s[r]
-                s[r] = np.log(s[r])
-            for i in range(k):
-                for r in range(c):
-                    # t holds log π for now; pi the gate probabilities
-                    t[i + 1, r] = np.log(pi[i, r]) - s[r] if pi[i, r] > 0 else -np.inf
-                    pi[i, r] *= inv_s[r]
-        for r in range(c):
-            t[0, r] = log_w[0] + lg0[start + r]
-            m[r] = t[0, r]
-        for i in range(k):
-            ci = const[i]
-            iv = inv_v[i]
-            for r in range(c):
-                mu = B[i]
-                for j in range(d):
-                    mu += A[i, j] * X[start + r, j]
-                ei = Y[start + r] - mu
-                qi = ei * ei * iv
-                e[i, r] = ei
-                q[i, r] = qi
-                ti = ci - 0.5 * qi
-                if softmax:
-                    ti += t[i + 1, r]
-                t[i + 1, r] = ti
-                m[r] = max(m[r], ti)
-        for r in range(c):
-            if m[r] == -np.inf:
-                m[r] = 0.0
-            s[r] = 0.0
-        for j in range(k + 1):
-            for r in range(c):
-                t[j, r] = np.exp(t[j, r] - m[r])
-                s[r] += t[j, r]
-        for r in range(c):
-            ll[start + r] = m[r] + np.log(s[r])
-            inv = 1.0 / s[r] if s[r] > 0 else 0.0
-            if weighted:
-                inv *= weights[start + r]
-            inv_s[r] = inv
-        acc = 0.0
-        for r in range(c):
-            acc += t[0, r] * inv_s[r]
-        g_log_w[0] += acc
-        for i in range(k):
-            iv = inv_v[i]
-            a_w = 0.0
-            a_b = 0.0
-            a_v = 0.0
-            for r in range(c):
-                ri = t[i + 1, r] * inv_s[r]
-                t[i + 1, r] = ri  # responsibilities from here on
-                a_w += ri
-                rei = ri * e[i, r] * iv if ri > 0 else 0.0
-                a_b += rei
-                a_v += ri * (q[i, r] - 1.0) if ri > 0 else 0.0
-                e[i, r] = rei
-            g_B[i] += a_b
-            g_V[i] += a_v
-            if softmax:
-                g_log_w[1] += a_w
-            else:
-                g_log_w[1 + i] += a_w
-            for j in range(d):
-                a_x = 0.0
-                for r in range(c):
-                    a_x += e[i, r] * X[start + r, j]
-                g_A[i, j] += a_x
-        if softmax:
-            for r in range(c):  # λ-part of each row: Σ_i r_i
-                s[r] = 0.0
-            for i in range(k):
-                for r in range(c):
-                    s[r] += t[i + 1, r]
-            for i in range(k):
-                a_0 = 0.0
-                for r in range(c):
-                    ge = t[i + 1, r] - s[r] * pi[i, r]
-                    q[i, r] = ge
-                    a_0 += ge
-                g_b0[i] += a_0
-                for j in range(d):
-                    a_x = 0.0
-                    for r in range(c):
-                        a_x += q[i, r] * X[start + r, j]
-                    g_b1[i, j] += a_x
-    for i in range(k):
-        g_V[i] *= 0.5 * inv_v[i]
-    return ll, g_log_w, g_b0, g_b1, g_A, g_B, g_V
+    return kernel
 
 
 # ---------------------------------------------------------------------------------------------- Ops

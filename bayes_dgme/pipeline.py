@@ -25,14 +25,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PosteriorFit", "fit_posterior", "fit_scenario", "em_start", "inside_box", "seed_sequence",
-           "EM_START_RESTARTS", "START_MARGIN"]
+from .bounds import inside_box
+
+__all__ = ["PosteriorFit", "fit_posterior", "fit_scenario", "em_start", "seed_sequence", "EM_START_RESTARTS"]
 
 #: EM restarts of the chains' start (`fit_em`'s default; the same as the studies always used).
 EM_START_RESTARTS = 5
-
-#: An EM start on a face of the box is pulled this fraction of the box's width inside it.
-START_MARGIN = 0.01
 
 
 @dataclass
@@ -137,33 +135,6 @@ def em_start(X, Y, known, k: int, *, gating: str = "constant", seed=None, log_g0
     except (ValueError, ArithmeticError, np.linalg.LinAlgError):
         return None
     return inside_box(est, bounds)
-
-
-def inside_box(est, bounds):
-    """``est`` with every bounded parameter at least `START_MARGIN` of the box's width inside it.
-
-    EM with a box puts an emptied expert on a face of the box (e.g. an intercept at exactly -10);
-    there the model's interval transform is infinite and such a start was silently replaced by the
-    sampler's default start (seen on d1_over, d2_over at n = 2000). Variances are pulled in on the
-    scale of their standard deviations, which the model's interval transform acts on.
-    ``bounds=None`` or unbounded: ``est`` unchanged.
-    """
-    import dataclasses
-
-    if est is None or bounds is None or bounds.is_unbounded:
-        return est
-
-    def pull(value, interval):
-        if interval is None:
-            return value
-        lo, hi = interval
-        margin = START_MARGIN * (hi - lo)
-        return np.clip(np.asarray(value, dtype=float), lo + margin, hi - margin)
-
-    vb = bounds.variance  # the model bounds the standard deviations: the margin is taken there
-    sds = pull(np.sqrt(est.variances), None if vb is None else (np.sqrt(vb[0]), np.sqrt(vb[1])))
-    return dataclasses.replace(est, slopes=pull(est.slopes, bounds.slope),
-                               intercepts=pull(est.intercepts, bounds.intercept), variances=np.square(sds))
 
 
 def _covariate_names(X, covariates) -> list[str] | None:

@@ -9,12 +9,14 @@ nutpie (the default) compiles the model once per `pymc.Model`; for many datasets
     from bayes_dgme.sampling import compile_model
 
     model = bd.build_model(X, Y, known, k)
-    compiled = compile_model(model)                          # numba compile, 20-60 s
+    compiled = compile_model(model)                          # first time on a machine 20-60 s; then ~1 s
     tree = bd.sample(compiled, seed=1)                       # the model's own data
     tree2 = bd.sample(compiled.with_data(X2, Y2), seed=1)    # new data, no recompilation
 
 ``X2`` may have another number of rows, but the same ``d`` (and the same ``k``, ``gating``,
-``known`` and ``priors`` as the model). Draws from ``compiled.with_data(X2, Y2)`` are identical to
+``known`` and ``priors`` as the model). Compilation goes through `bayes_dgme.compile_cache`: a model of
+the same structure (``k``, ``d``, gating, priors) compiled once on this machine, in any process, is
+loaded from disk. Draws from ``compiled.with_data(X2, Y2)`` are identical to
 draws from a freshly built and compiled model on ``(X2, Y2)`` with the same seed.
 """
 
@@ -30,6 +32,7 @@ import numpy as np
 import pymc as pm
 import xarray as xr
 
+from .bounds import inside_box
 from .data import check_int
 from .model import AUXILIARY_NAMES, DATA_NAMES, _make_random, model_data, model_spec
 from .params import Params
@@ -82,7 +85,8 @@ class CompiledModel:
 
 
 def compile_model(model: pm.Model | CompiledModel, **kwargs) -> CompiledModel:
-    """Compile ``model`` for nutpie (cached: a second call on the same model is free).
+    """Compile ``model`` for nutpie (cached: a second call on the same model is free; a second process
+    compiling a model of the same structure loads it from `bayes_dgme.compile_cache`).
 
     Parameters
     ----------
@@ -98,13 +102,27 @@ def compile_model(model: pm.Model | CompiledModel, **kwargs) -> CompiledModel:
     model_spec(model)
     if not kwargs and model in _COMPILED:
         return _COMPILED[model]
-    import nutpie
-
     data = {name: np.asarray(model[name].get_value()) for name in DATA_NAMES}
-    compiled = CompiledModel(model, nutpie.compile_pymc_model(model, **kwargs), data)
+    compiled = CompiledModel(model, _compile_nutpie(model, data, kwargs), data)
     if not kwargs:
         _COMPILED[model] = compiled
     return compiled
+
+
+def _compile_nutpie(model: pm.Model, data: dict[str, Any], kwargs: dict[str, Any]):
+    """nutpie's compiled model: through `bayes_dgme.compile_cache` (compiled once per machine) unless
+    nutpie options are given or the cache is disabled; nutpie's own compilation if the cache fails."""
+    import nutpie
+
+    from . import compile_cache
+
+    if not kwargs and compile_cache.enabled():
+        try:
+            return compile_cache.compile_nutpie(model, data)
+        except Exception as exc:  # the cache is an optimisation: never the reason a fit fails
+            warnings.warn(f"compile cache: {type(exc).__name__}: {exc}; compiling with nutpie directly",
+                          RuntimeWarning, stacklevel=3)
+    return nutpie.compile_pymc_model(model, **kwargs)
 
 
 def _seed_int(seed) -> int:
@@ -182,19 +200,12 @@ def _unconstrain_function(model: Any) -> tuple[Any, list[tuple[str, str]]]:
 
 
 def _em_start(model: pm.Model, data: dict[str, Any], seed: int) -> Params | None:
-    """EM estimate on the model's own data, as a chain start (``None`` for softmax gating or on failure)."""
-    from .em import fit_em
+    """`bayes_dgme.pipeline.em_start` on the model's own data (``None`` for softmax gating or on failure)."""
+    from .pipeline import em_start  # lazily: pipeline imports this module
 
     spec = model_spec(model)
-    if spec.gating != "constant":
-        return None
-    try:
-        with warnings.catch_warnings():  # EM's warnings concern the start, not the posterior
-            warnings.simplefilter("ignore")
-            return fit_em(data["X"], data["Y"], None, spec.k, seed=seed, restarts=3,
-                          log_g0=data["log_g0"]).params
-    except ValueError:  # e.g. too few observations for EM: the sampler's own start
-        return None
+    return em_start(data["X"], data["Y"], spec.known, spec.k, gating=spec.gating, seed=seed,
+                    log_g0=data["log_g0"], priors=spec.priors)
 
 
 def start_near(compiled: CompiledModel, est: Params, jitter: float = 0.1) -> CompiledModel | None:
@@ -204,7 +215,8 @@ def start_near(compiled: CompiledModel, est: Params, jitter: float = 0.1) -> Com
     `bayes_dgme.model`, then PyMC's transforms of each free variable) and each chain starts there
     plus a uniform jitter of ``±jitter`` per coordinate (seeded by nutpie's chain seed). Experts are
     put in increasing order of intercepts (valid under the ``"intercepts"`` ordering; harmless
-    otherwise); weights and λ are kept off the boundary. Returns ``None`` when the model has free
+    otherwise); weights and λ are kept off the boundary, and parameters outside the model's bounds
+    (``priors.bounds``) start just inside them. Returns ``None`` when the model has free
     variables this mapping does not know (e.g. softmax gating): the sampler's own start is used.
     """
     import dataclasses
@@ -213,16 +225,19 @@ def start_near(compiled: CompiledModel, est: Params, jitter: float = 0.1) -> Com
         return None
     m, data, nm = compiled.model, compiled.data, compiled.nutpie_model
     by_weight = model_spec(m).priors.order == "weights"  # decreasing weights (bayes_dgme.model)
+    # an estimate on or outside the model's box (e.g. EM run without the bounds) starts just inside it
+    est = inside_box(est, model_spec(m).priors.bounds)
     order = np.argsort(-est.weights if by_weight else est.intercepts, kind="stable")
     w = np.clip(est.weights[order], 1e-3, None)
-    ints_z = (est.intercepts[order] - float(data["intercept_loc"])) / float(data["intercept_scale"])
+    slopes, intercepts, variances = est.slopes[order], est.intercepts[order], est.variances[order]
+    ints_z = (intercepts - float(data["intercept_loc"])) / float(data["intercept_scale"])
     for i in range(1, ints_z.size if not by_weight else 0):  # strictly increasing for the ordered transform
         ints_z[i] = max(ints_z[i], ints_z[i - 1] + 1e-3)
     values = {
         "lam": np.clip(float(est.lam), 0.02, 0.98), "weights": w / w.sum(),
-        "slopes_z": est.slopes[order] / np.asarray(data["slope_scale"], dtype=float),
+        "slopes_z": slopes / np.asarray(data["slope_scale"], dtype=float),
         "intercepts_z": ints_z,
-        "sds_z": np.sqrt(est.variances[order]) / float(data["variance_scale"]),
+        "sds_z": np.sqrt(variances) / float(data["variance_scale"]),
     }
     names = list(nm.shape_info[0])
     slices = nm.shape_info[1]
@@ -274,14 +289,14 @@ def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000,
     cores : int, optional
         Chains run in parallel (default ``chains``).
     init : "em", Params or None, default "em"
-        Where the chains start. ``"em"``: near an EM estimate on the model's own data (one EM restart
-        set, seeded from ``seed``); a `Params`: near that point estimate; ``None``: the model's
-        default start. Each chain adds a small seeded jitter (see `start_near`). At large n, chains
-        started at the default point can stay in a spurious mode for the whole run (seen at
-        n = 1000 on ``d1_exact``: λ stuck at 0.35, R-hat 1.84); an EM start avoids that. The posterior
-        is unchanged, but chains that start together are less able to reveal multimodality through
-        R-hat. Used for constant gating with nutpie; otherwise the default start is used (with a
-        warning when a `Params` was given).
+        Where the chains start. ``"em"``: near `bayes_dgme.pipeline.em_start` on the model's own data
+        (seeded from ``seed``; the same start as `bayes_dgme.fit_posterior`); a `Params`: near that
+        point estimate; ``None``: the model's default start. Each chain adds a small seeded jitter (see
+        `start_near`). At large n, chains started at the default point can stay in a spurious mode for
+        the whole run (seen at n = 1000 on ``d1_exact``: λ stuck at 0.35, R-hat 1.84); an EM start
+        avoids that. The posterior is unchanged, but chains that start together are less able to reveal
+        multimodality through R-hat. Used for constant gating with nutpie; otherwise the default start
+        is used (with a warning when a `Params` was given).
     **kwargs
         Passed to ``nutpie.sample`` or ``pymc.sample``.
 

@@ -1,55 +1,89 @@
 """Benchmark of the PyMC model against the plain formulation, in the same run (nutpie).
 
-`bayes_dgme.build_model` (fused likelihood Op, data as shared variables, standardised parameters)
-against the same model written plainly in fifteen lines: the same priors on the natural parameters,
-``log g0`` inside the graph, ``X``, ``Y`` as constants, the mixture as a ``pm.Potential`` with
-``logsumexp``. For every scenario and seed, both models see the same data and sampler settings.
+`bayes_dgme.build_model` (fused likelihood Op with its vectorised numba kernel, data as shared variables,
+standardised parameters, compiled through `bayes_dgme.compile_cache`) against the same model written
+plainly: the same priors on the natural parameters, truncated to the scenario's bounds, ``log g0`` inside
+the graph, ``X``, ``Y`` as constants, the mixture as a ``pm.Potential`` with ``logsumexp``, compiled by
+``nutpie.compile_pymc_model``. For every scenario and seed both models see the same data and sampler
+settings (bayes_dgme starts its chains near the EM estimate, as `bd.sample` does; the plain model at
+nutpie's default start).
 
-Reported per model: cold compile (first compile in this process), warm compile of bayes_dgme's model
-(a second Python process builds and compiles the same model: what the disk caches buy), one
-logp+gradient evaluation (ns per observation; the two models' functions are timed interleaved so
-that machine load affects both alike), sampling wall time, bulk ESS and ESS/s of λ and of the
-Voronoi loss (`bd.posterior_losses`), R-hat of the loss, divergences.
+Reported per model and fit:
+
+- ``compile``: build and compile in this process; the first fit of the run is *cold* for bayes_dgme
+  (its compile cache points at an empty temporary folder for the run; numba's kernel caches stay), later
+  fits of the same model structure (d1_over and d2_over share one) load the run's cache from disk;
+- ``warm``: a second Python process builds and compiles the same model (first seed of each scenario);
+- ``ns/obs``: one logp+gradient evaluation through nutpie's compiled C callback (what the sampler
+  calls), median over repetitions with the two models interleaved, divided by ``n``;
+- sampling wall time (``nutpie.sample`` only), bulk ESS per second of λ and of the Voronoi loss
+  (`bd.posterior_losses`), R-hat of the loss, divergences, leapfrog steps per draw.
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_model.py                       # d1_over, d2_over; n = 10^4; 3 seeds
-    .venv/bin/python benchmarks/bench_model.py --seeds 1 --draws 300 --tune 300 --n 2000   # quick look
+    .venv/bin/python benchmarks/bench_model.py            # d1_over, d2_over; n = 10^4; 3 seeds; 2 x (1000 + 1000)
+    .venv/bin/python benchmarks/bench_model.py --quick    # n = 2000, 1 seed, 2 x (300 + 300): a quick look
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import arviz as az
 import numpy as np
 import nutpie
 import pymc as pm
-import pytensor
 import pytensor.tensor as pt
 
 import bayes_dgme as bd
-from bayes_dgme import sampling
+from bayes_dgme import compile_cache, sampling
 from bayes_dgme.model import data_scales
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f} s] {msg}", flush=True)
+
+
+def load() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover
+        return "load average unknown"
 
 
 def plain_model(X, Y, scenario) -> pm.Model:
-    """The DGME written the plain way: a Potential with logsumexp, g0 inside the graph."""
+    """The DGME written the plain way: natural parameters, a Potential with logsumexp, g0 inside the graph."""
     known, k, priors = scenario.truth.known, scenario.k, scenario.priors
     if scenario.gating != "constant":
         raise ValueError("scenario: the plain benchmark model is written for constant gating")
     s = data_scales(X, Y)
+    b = priors.bounds
     d = X.shape[1]
+
+    def normal(name, mu, sigma, box, dims):
+        if box is None:
+            return pm.Normal(name, mu, sigma, dims=dims)
+        return pm.TruncatedNormal(name, mu, sigma, lower=box[0], upper=box[1], dims=dims)
+
     with pm.Model(coords={"expert": np.arange(k), "covariate": np.arange(d)}) as model:
         lam = pm.Beta("lam", priors.lam_alpha, priors.lam_beta)
         weights = pm.Dirichlet("weights", np.full(k, priors.dirichlet_alpha), dims="expert")
-        slopes = pm.Normal("slopes", 0.0, s["slope_scale"], dims=("expert", "covariate"))
-        intercepts = pm.Normal("intercepts", s["intercept_loc"], s["intercept_scale"], dims="expert")
-        sds = pm.HalfNormal("sds", s["variance_scale"], dims="expert")
+        slopes = normal("slopes", 0.0, s["slope_scale"], b.slope, ("expert", "covariate"))
+        intercepts = normal("intercepts", s["intercept_loc"], s["intercept_scale"], b.intercept, "expert")
+        if b.variance is None:
+            sds = pm.HalfNormal("sds", s["variance_scale"], dims="expert")
+        else:
+            sds = pm.TruncatedNormal("sds", 0.0, s["variance_scale"], lower=np.sqrt(b.variance[0]),
+                                     upper=np.sqrt(b.variance[1]), dims="expert")
         pm.Deterministic("variances", sds**2, dims="expert")
         mu0 = X @ known.slope + known.intercept
         if isinstance(known, bd.known.StudentTExpert):
@@ -65,23 +99,31 @@ def plain_model(X, Y, scenario) -> pm.Model:
     return model
 
 
-def _logp_dlogp(model: pm.Model):
-    logp = model.logp()
-    grads = pytensor.grad(logp, model.value_vars)
-    fn = model.compile_fn([logp, *grads], inputs=model.value_vars, point_fn=True, mode="NUMBA")
-    point = model.initial_point()
-    fn(point)
-    return fn, point
+def _callback(nm):
+    """nutpie's compiled C callback of ``nm`` as a Python function of the unconstrained vector."""
+    ptr = ctypes.POINTER(ctypes.c_double)
+    out, lp = np.zeros(nm.n_dim), np.zeros(())
+    user = ctypes.c_void_p(nm.user_data.ctypes.data)
+    fn = nm.compiled_logp_func.ctypes
+    args = (out.ctypes.data_as(ptr), lp.ctypes.data_as(ptr), user)
+
+    def call(x):
+        return fn(nm.n_dim, x.ctypes.data_as(ptr), *args)
+
+    return call
 
 
-def grad_times(models: list[pm.Model], evals: int = 400) -> list[float]:
-    """Median seconds of one logp-and-gradient evaluation (numba, as nutpie), the models interleaved."""
-    fns = [_logp_dlogp(m) for m in models]
-    times = [[] for _ in models]
+def grad_times(nms: list, evals: int = 300) -> list[float]:
+    """Median seconds of one logp-and-gradient evaluation (nutpie's callbacks), the models interleaved."""
+    calls = [(_callback(nm), np.ascontiguousarray(nm.initial_point_func(0))) for nm in nms]
+    for call, x in calls:
+        if call(x) != 0:
+            raise RuntimeError("benchmark: the log density is not finite at the initial point")
+    times = [[] for _ in nms]
     for _ in range(evals):
-        for i, (fn, point) in enumerate(fns):
+        for i, (call, x) in enumerate(calls):
             t0 = time.perf_counter()
-            fn(point)
+            call(x)
             times[i].append(time.perf_counter() - t0)
     return [float(np.median(t)) for t in times]
 
@@ -92,18 +134,25 @@ def _scenario_data(name, n, seed):
     return scenario, X, Y
 
 
-def compile_only(name, n, seed) -> float:
-    """Seconds to build and compile bayes_dgme's model (run in a fresh process: the warm compile)."""
+def _build_ours(scenario, X, Y):
+    model = bd.build_model(X, Y, scenario.truth.known, scenario.k, gating=scenario.gating, priors=scenario.priors)
+    return sampling.compile_model(model)
+
+
+def compile_only(which, name, n, seed) -> float:
+    """Seconds to build and compile one model (run in a fresh process: the warm compile)."""
     scenario, X, Y = _scenario_data(name, n, seed)
     t0 = time.perf_counter()
-    model = bd.build_model(X, Y, scenario.truth.known, scenario.k, gating=scenario.gating, priors=scenario.priors)
-    sampling.compile_model(model)
+    if which == "ours":
+        _build_ours(scenario, X, Y)
+    else:
+        nutpie.compile_pymc_model(plain_model(X, Y, scenario))
     return time.perf_counter() - t0
 
 
-def warm_compile(name, n, seed) -> float:
-    out = subprocess.run([sys.executable, __file__, "--compile-only", "--scenarios", name, "--n", str(n),
-                          "--seeds", "1", "--seed", str(seed)], capture_output=True, text=True, check=True)
+def warm_compile(which, name, n, seed) -> float:
+    out = subprocess.run([sys.executable, __file__, "--compile-only", which, "--scenarios", name, "--n", str(n),
+                          "--seed", str(seed)], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -122,34 +171,42 @@ def _diagnostics(tree, truth, seconds):
     }
 
 
-def bench_cell(name, n, seed, settings, chains):
+def bench_cell(name, n, seed, settings, chains, warm: bool):
     scenario, X, Y = _scenario_data(name, n, seed)
     truth = scenario.truth
-    rows = {}
-
+    tag = f"{name} seed {seed}"
+    log(f"{tag}: compiling bayes_dgme's model ({load()})")
+    compile_cache._MEMO.clear()  # each fit compiles (from the run's disk cache after the first of a structure)
     t0 = time.perf_counter()
-    model = bd.build_model(X, Y, truth.known, scenario.k, gating=scenario.gating, priors=scenario.priors)
-    compiled = sampling.compile_model(model)
+    compiled = _build_ours(scenario, X, Y)
     ours_compile = time.perf_counter() - t0
+    log(f"{tag}: compiling the plain model (bayes_dgme: {ours_compile:.1f} s)")
     t0 = time.perf_counter()
-    plain = plain_model(X, Y, scenario)
-    plain_compiled = nutpie.compile_pymc_model(plain)
+    plain_compiled = nutpie.compile_pymc_model(plain_model(X, Y, scenario))
     plain_compile = time.perf_counter() - t0
-    warm = warm_compile(name, n, seed)
-    g_ours, g_plain = grad_times([model, plain])
+    ours_warm = plain_warm = float("nan")
+    if warm:
+        log(f"{tag}: warm compiles in fresh processes (plain: {plain_compile:.1f} s)")
+        ours_warm = warm_compile("ours", name, n, seed)
+        plain_warm = warm_compile("plain", name, n, seed)
+    g_ours, g_plain = grad_times([compiled.nutpie_model, plain_compiled])
+    log(f"{tag}: logp+grad {1e9 * g_ours / n:.1f} vs {1e9 * g_plain / n:.1f} ns/obs; warm compile "
+        f"{ours_warm:.1f} vs {plain_warm:.1f} s; sampling bayes_dgme")
 
-    # ours: the package's sampler (EM start); plain: nutpie's defaults. Same draws, tune, chains, seed.
+    rows = {}
     bd.sample(compiled, draws=2, tune=2, chains=chains, seed=seed, progressbar=False, log_likelihood=False)
-    t0 = time.perf_counter()
     tree = bd.sample(compiled, seed=seed, progressbar=False, log_likelihood=False, chains=chains, **settings)
-    rows["bayes_dgme"] = {"compile_s": ours_compile, "warm_compile_s": warm, "grad_ns_obs": 1e9 * g_ours / n,
-                          **_diagnostics(tree, truth, time.perf_counter() - t0)}
+    seconds = float(tree.posterior.attrs["sampling_time"])
+    rows["bayes_dgme"] = {"compile_s": ours_compile, "warm_compile_s": ours_warm, "grad_ns_obs": 1e9 * g_ours / n,
+                          **_diagnostics(tree, truth, seconds)}
+    log(f"{tag}: bayes_dgme sampled in {seconds:.1f} s; sampling the plain model")
     nutpie.sample(plain_compiled, draws=2, tune=2, chains=chains, seed=seed, progress_bar=False)
     t0 = time.perf_counter()
     ptree = nutpie.sample(plain_compiled, seed=seed, progress_bar=False, save_warmup=False, cores=chains,
                           target_accept=0.9, chains=chains, **settings)
-    rows["plain"] = {"compile_s": plain_compile, "warm_compile_s": float("nan"), "grad_ns_obs": 1e9 * g_plain / n,
+    rows["plain"] = {"compile_s": plain_compile, "warm_compile_s": plain_warm, "grad_ns_obs": 1e9 * g_plain / n,
                      **_diagnostics(ptree, truth, time.perf_counter() - t0)}
+    log(f"{tag}: plain sampled in {rows['plain']['sampling_s']:.1f} s")
     return rows
 
 
@@ -162,29 +219,42 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--chains", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (datasets) per scenario")
     parser.add_argument("--seed", type=int, default=20240205)
+    parser.add_argument("--quick", action="store_true", help="n = 2000, one seed, 300 tune + 300 draws")
     parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument("--compile-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compile-only", choices=("ours", "plain"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = args.scenarios.split(",")
     if args.compile_only:
-        print(compile_only(names[0], args.n, args.seed))
+        print(compile_only(args.compile_only, names[0], args.n, args.seed))
         return []
+    if args.quick:
+        args.n, args.seeds, args.draws, args.tune = 2000, 1, 300, 300
+
+    # a fresh compile cache for the run: the first fit of each scenario is bayes_dgme's cold compile
+    cache = tempfile.TemporaryDirectory(prefix="bench_model_cache_")
+    os.environ["BAYES_DGME_CACHE_DIR"] = cache.name
+    start_load = load()
+    log(f"start: {start_load}; n = {args.n}, {args.chains} chains x ({args.tune} + {args.draws}), seeds {args.seeds}")
 
     settings = {"draws": args.draws, "tune": args.tune}
     rows = []
     for name in names:
         for s in range(args.seeds):
             seed = args.seed + s
-            cell = bench_cell(name, args.n, seed, settings, args.chains)
+            cell = bench_cell(name, args.n, seed, settings, args.chains, warm=s == 0)
             for model, r in cell.items():
                 rows.append({"scenario": name, "seed": seed, "model": model, **r})
+            if args.json:  # after every fit: a long run that is cut short keeps what it measured
+                with open(args.json, "w") as fh:
+                    json.dump({"args": vars(args), "load": [start_load, load()], "rows": rows}, fh, indent=2)
             o, p = cell["bayes_dgme"], cell["plain"]
-            print(f"{name} seed {seed}: grad {o['grad_ns_obs']:.1f} vs {p['grad_ns_obs']:.1f} ns/obs; "
-                  f"ESS/s λ {o['ess_per_s_lam']:.2f} vs {p['ess_per_s_lam']:.2f}; "
-                  f"ESS/s loss {o['ess_per_s_loss']:.2f} vs {p['ess_per_s_loss']:.2f}", flush=True)
+            log(f"{name} seed {seed}: grad {o['grad_ns_obs']:.1f} vs {p['grad_ns_obs']:.1f} ns/obs; "
+                f"ESS/s λ {o['ess_per_s_lam']:.2f} vs {p['ess_per_s_lam']:.2f}; "
+                f"ESS/s loss {o['ess_per_s_loss']:.2f} vs {p['ess_per_s_loss']:.2f}")
+    end_load = load()
 
-    print(f"\nn = {args.n}, {args.chains} chains × ({args.tune} tune + {args.draws} draws), nutpie, "
-          "target_accept 0.9\n")
+    print(f"\nn = {args.n}, {args.chains} chains × ({args.tune} tune + {args.draws} draws), nutpie, target_accept 0.9; "
+          f"{start_load} at the start, {end_load} at the end\n")
     head = (f"{'scenario':<9}{'seed':>9} {'model':<11}{'compile':>8}{'warm':>6}{'ns/obs':>8}{'sample s':>9}"
             f"{'ESS/s λ':>9}{'ESS/s L':>9}{'R̂ loss':>8}{'div':>5}{'steps':>7}{'med L':>8}")
     print(head)
@@ -203,15 +273,20 @@ def main(argv=None) -> list[dict]:
 
         print(f"{name}: median over seeds of bayes_dgme / plain: gradient speed-up "
               f"{1 / med_ratio('grad_ns_obs'):.2f}×, ESS/s λ {med_ratio('ess_per_s_lam'):.2f}×, "
-              f"ESS/s loss {med_ratio('ess_per_s_loss'):.2f}×; warm compile "
-              f"{np.median([o['warm_compile_s'] for o in ours]):.1f} s; R̂(loss) ≤ 1.01 in "
+              f"ESS/s loss {med_ratio('ess_per_s_loss'):.2f}×; compile (first fit) {ours[0]['compile_s']:.1f} s "
+              f"(plain {plain[0]['compile_s']:.1f} s), warm {ours[0]['warm_compile_s']:.1f} s "
+              f"(plain {plain[0]['warm_compile_s']:.1f} s); R̂(loss) ≤ 1.01 in "
               f"{sum(o['rhat_loss'] <= 1.01 for o in ours)}/{len(ours)} fits, divergences "
-              f"{sum(o['divergences'] for o in ours)}")
-    print("\nns/obs: median time of one logp+gradient evaluation / n (numba; the two models interleaved).")
-    print("ESS/s: bulk ESS / sampling wall time. Timings are wall clock on a shared machine.")
+              f"{sum(o['divergences'] for o in ours)} (plain {sum(p['divergences'] for p in plain)})")
+    print("\nns/obs: median time of one logp+gradient call of nutpie's compiled callback / n (the two models "
+          "interleaved).")
+    print("ESS/s: bulk ESS / sampling wall time. compile: build + compile in the run (the run's first fit is "
+          "cold for bayes_dgme);")
+    print("warm: build + compile in a second process. Timings are wall clock on a shared machine.")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "rows": rows}, fh, indent=2)
+            json.dump({"args": vars(args), "load": [start_load, end_load], "rows": rows}, fh, indent=2)
+    cache.cleanup()
     return rows
 
 

@@ -120,3 +120,38 @@ def test_input_validation():
     with pytest.raises(ValueError, match="slopes: expected 2 dimension"):
         DGMELogp("constant")(np.zeros(4), np.zeros(3), np.zeros((3, 1)), np.zeros(3), np.zeros(3), np.ones(3),
                              np.zeros((5, 1)), np.zeros(5), np.zeros(5))
+
+
+def _ulps(got, ref):
+    """Error in units of the last place of ``ref`` (normal, finite, non-zero references)."""
+    keep = np.isfinite(ref) & (np.abs(ref) >= np.finfo(float).tiny)
+    return np.abs(got[keep] - ref[keep]) / np.spacing(np.abs(ref[keep]))
+
+
+def test_vectorisable_exp_and_log_against_numpy():
+    # the numba kernel's own exp/log (bayes_dgme._fused_kernel): within 1 ulp of numpy's on 10^6 points
+    # over the whole range, with numpy's special values (exp's subnormal results are flushed to 0)
+    from numba import njit
+
+    from bayes_dgme._fused_kernel import vexp, vlog
+
+    @njit(error_model="numpy")
+    def apply(f, x):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = f(x[i])
+        return out
+
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.uniform(-708, 709.78, 400_000), rng.uniform(-40, 0, 400_000),
+                        rng.uniform(-1e-3, 1e-3, 200_000)])
+    assert _ulps(apply(vexp, x), np.exp(x)).max() <= 1.0
+    special = np.array([-np.inf, -800.0, -708.5, 0.0, -0.0, 709.9, np.inf, np.nan])
+    np.testing.assert_array_equal(apply(vexp, special), [0, 0, 0, 1, 1, np.inf, np.inf, np.nan])
+
+    y = np.concatenate([np.exp(rng.uniform(-700, 709, 400_000)), rng.uniform(1, 6, 400_000),
+                        1 + rng.uniform(-1e-8, 1e-8, 100_000), rng.uniform(0, 1e-300, 100_000)])
+    assert _ulps(apply(vlog, y), np.log(y)).max() <= 1.0
+    special = np.array([0.0, -1.0, np.inf, np.nan, 5e-324, 1e-310, 1.0, np.finfo(float).max])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.testing.assert_allclose(apply(vlog, special), np.log(special), rtol=1e-15)

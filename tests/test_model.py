@@ -306,7 +306,7 @@ def test_mixing_transform_setting():
 
 
 def test_em_start_is_pulled_inside_the_box():
-    from bayes_dgme.pipeline import START_MARGIN, inside_box
+    from bayes_dgme.bounds import START_MARGIN, inside_box
 
     box = bd.Bounds(slope=(-10, 10), intercept=(-10, 10), variance=(0.01, 25.0))
     est = bd.Params(lam=0.6, weights=[0.003, 0.6, 0.397], slopes=[[0.2], [1.6], [-10.0]],

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 import bayes_dgme as bd
+from bayes_dgme.bounds import START_MARGIN
+from bayes_dgme.model import model_spec
 from bayes_dgme.sampling import compile_model, start_near
 
 
@@ -29,13 +31,14 @@ def _start_in_parameter_space(model, started):
 def test_start_near_maps_the_estimate_exactly(over_model):
     # With zero jitter the start, mapped back through the model's standardisation and PyMC's
     # transforms (an independent path: PyMC's own backward transforms), is the estimate itself,
-    # with experts sorted by intercept.
+    # with experts in the order the model's priors ask for (d1_over: decreasing weights).
     _, _, _, model = over_model
     est = bd.Params(lam=0.55, weights=[0.2, 0.3, 0.5], slopes=[[1.5], [-2.0], [0.3]],
                     intercepts=[-2.4, 2.6, 0.1], variances=[0.5, 0.3, 0.8])
     started = start_near(compile_model(model), est, jitter=0.0)
     lam, w, a, b, v = _start_in_parameter_space(model, started)
-    order = np.argsort(est.intercepts)
+    assert model_spec(model).priors.order == "weights"
+    order = np.argsort(-est.weights, kind="stable")
     np.testing.assert_allclose(lam, 0.55, rtol=1e-10)
     np.testing.assert_allclose(w, est.weights[order], rtol=1e-10)
     np.testing.assert_allclose(a, est.slopes[order], rtol=1e-10)
@@ -66,3 +69,43 @@ def test_sample_with_init_and_its_errors(over_model):
                         intercepts=[[-1.0, 0.0, 1.0]] * 2, variances=[[0.5, 0.5, 0.5]] * 2)
     with pytest.raises(ValueError, match=r"^init: expected a point estimate without batch"):
         bd.sample(model, draws=5, tune=5, init=batched)
+
+
+def test_init_em_uses_the_pipeline_start(over_model, monkeypatch):
+    # sample(init="em") and fit_posterior share one EM start: sample calls pipeline.em_start on the
+    # model's own data, known density, k, gating, priors and seed.
+    from bayes_dgme import pipeline
+
+    sc, X, Y, model = over_model
+    calls = []
+
+    def spy(X_, Y_, known, k, **kw):
+        calls.append((X_, Y_, known, k, kw))
+        return None  # no start: the sampler's default
+
+    monkeypatch.setattr(pipeline, "em_start", spy)
+    bd.sample(model, draws=5, tune=5, chains=1, seed=7, progressbar=False, log_likelihood=False)
+    assert len(calls) == 1
+    X_, Y_, known, k, kw = calls[0]
+    np.testing.assert_array_equal(X_, np.asarray(X, dtype=float).reshape(len(Y), -1))
+    np.testing.assert_array_equal(Y_, Y)
+    assert known is sc.truth.known and k == 3 and kw["gating"] == "constant" and kw["seed"] == 7
+    assert kw["priors"] == sc.priors
+    np.testing.assert_allclose(kw["log_g0"], bd.known.log_density(sc.truth.known, Y, X))
+
+
+def test_start_near_moves_an_estimate_outside_the_box_inside(over_model):
+    # d1_over bounds the variances to [0.01, 25]: an EM estimate run without the box (variance 0.005)
+    # starts just inside it (START_MARGIN of the standard deviations' interval), the other parameters
+    # exactly at the estimate
+    sc, _, _, model = over_model
+    lo, hi = np.sqrt(sc.priors.bounds.variance)
+    est = bd.Params(lam=0.5, weights=[0.3, 0.3, 0.4], slopes=[[1.0], [0.0], [-1.0]],
+                    intercepts=[-1.0, 0.0, 1.0], variances=[0.5, 0.005, 0.8])
+    started = start_near(compile_model(model), est, jitter=0.0)
+    assert started is not None
+    _, _, a, b, v = _start_in_parameter_space(model, started)
+    order = np.argsort(-est.weights, kind="stable")  # d1_over orders the experts by decreasing weight
+    np.testing.assert_allclose(v, np.array([0.5, (lo + START_MARGIN * (hi - lo)) ** 2, 0.8])[order], rtol=1e-10)
+    np.testing.assert_allclose(b, est.intercepts[order], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(a, est.slopes[order], rtol=1e-10, atol=1e-12)
