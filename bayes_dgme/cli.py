@@ -449,11 +449,11 @@ def cmd_mle(args) -> int:
         kw["restarts"] = args.restarts
     _say(f"{args.method.upper()} on {scenario.name}: n = {Y.size}, k = {scenario.k}")
     if args.method == "em":
-        from .em import fit_em
+        from .estimators.em import fit_em
 
         res = fit_em(X, Y, _known(scenario), scenario.k, **kw)
     else:
-        from .map import fit_map
+        from .estimators.map import fit_map
 
         res = fit_map(X, Y, _known(scenario), scenario.k, priors=scenario.priors if args.priors else None, **kw)
     record: dict[str, Any] = {"scenario": scenario.name, "method": args.method, "data": data_info, "k": scenario.k,

@@ -138,7 +138,7 @@ def _max_rhat(diagnostics, kind: str) -> float:
 
 def _em_fit(X, Y, log_g0, k: int, gating: str, priors, seed: int, restarts: int):
     """The EM fit of ``k`` experts (BIC and ICL), or ``(None, message)`` when EM fails."""
-    from .em import fit_em
+    from .estimators.em import fit_em
 
     kwargs: dict[str, Any] = {}
     bounds = getattr(priors, "bounds", None)

@@ -84,7 +84,7 @@ def _child(root: np.random.SeedSequence, *key: int) -> np.random.SeedSequence:
 # frequentist side
 # ---------------------------------------------------------------------------------------------
 def _em_loglik(X, Y, known, k, gating, seed, restarts, em_options, log_g0) -> float:
-    from .em import fit_em
+    from .estimators.em import fit_em
 
     options = {"warn": False, **em_options}  # EM warnings on simulated null data are noise
     fit = fit_em(X, Y, known, k, gating=gating, seed=seed, restarts=restarts, log_g0=log_g0, **options)
@@ -696,7 +696,7 @@ def deviation_test(X, Y, known: KnownFunction, k: int, gating: str = "constant",
     if frequentist:
         t0 = time.perf_counter()
         if fit is None:
-            from .em import fit_em
+            from .estimators.em import fit_em
 
             fit = fit_em(X, Y, known, k, gating=gating, seed=np.random.default_rng(_child(root, 0)),
                          restarts=restarts, log_g0=log_g0, **em_options)

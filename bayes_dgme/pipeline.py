@@ -116,7 +116,7 @@ def em_start(X, Y, known, k: int, *, gating: str = "constant", seed=None, log_g0
     returns ``None`` (the sampler's start cannot be set from a point estimate there), as does a
     failed EM fit (e.g. too few observations): the sampler then uses its default start.
     """
-    from .em import fit_em
+    from .estimators.em import fit_em
 
     if gating != "constant":
         return None

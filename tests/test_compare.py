@@ -101,7 +101,7 @@ def test_compare_k_bic_icl_from_em_and_the_flat_table(fitted):
     its responsibilities' entropy): they match, and they also choose k = 2. The margin: k = 1 loses well over
     100 nats of log-likelihood (see above), while the penalty of k = 2's four extra parameters is
     4·log(200) ≈ 21, so BIC(k=1) − BIC(k=2) > 150. `to_frame` carries the same numbers as the ArviZ table."""
-    from bayes_dgme.em import n_free_parameters
+    from bayes_dgme.estimators.base import n_free_parameters
 
     X, Y, _, cmp = fitted
     n = Y.size

@@ -266,7 +266,7 @@ def test_report_computes_nothing_of_its_own(d1_fit, monkeypatch, tmp_path):
     """No EM refit and no simulation while building a report: both are made to fail."""
     import importlib
 
-    em = importlib.import_module("bayes_dgme.em")
+    em = importlib.import_module("bayes_dgme.estimators.em")
     simulate = importlib.import_module("bayes_dgme.simulate")
     path, *_ = d1_fit
 

@@ -253,9 +253,9 @@ def _bounds_kwargs(fitter: Callable[..., Any], scenario: Scenario) -> dict[str, 
 def _fit_point(method: str) -> Callable[[CellTask, np.ndarray, np.ndarray, int], dict[str, Any]]:
     def fit(task: CellTask, X: np.ndarray, Y: np.ndarray, fit_seed: int) -> dict[str, Any]:
         if method == "em":
-            from ..em import fit_em as fitter
+            from ..estimators.em import fit_em as fitter
         else:
-            from ..map import fit_map as fitter
+            from ..estimators.map import fit_map as fitter
         scenario, truth = task.scenario, task.scenario.truth
         kwargs = {"priors": scenario.priors} if method == "map" else {}
         kwargs.update(_bounds_kwargs(fitter, scenario))
