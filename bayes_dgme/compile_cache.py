@@ -430,4 +430,5 @@ def compile_nutpie(model, data: dict[str, Any], use_disk: bool | None = None):
         compiled_logp_func=logp_cb, compiled_expand_func=expand_cb, initial_point_func=initial_point,
         shared_data=arrays, shared_var_keys={}, user_data=user_data, n_expanded=meta["n_expanded"],
         shape_info=meta["shape_info"], logp_func=logp_fn, expand_func=expand_fn, shared_names=tuple(names),
+        reparameterized_names=meta["reparameterized"],
     )
