@@ -71,12 +71,7 @@ def _theory_str(x: Any) -> str:
     return f"{x:+.3f}"
 
 
-def _df_str(x: Any) -> str:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return "—"
-    return f"{x:.0f}" if np.isfinite(x) else "—"
+_df_str = fmt_ess  # degrees of freedom print like an ESS: a whole number, or "—" when missing
 
 
 def _grid_str(r) -> str:
