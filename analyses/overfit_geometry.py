@@ -22,11 +22,11 @@ per fit, what the sampler saw and where the posterior's geometry sits:
 
 ``--variants`` fits each dataset (same data, same seed) in several ways, for a before/after table:
 
-* ``default``: the package as it is with the scenario's own priors (``order = "none"`` in the
-  spec files: PyMC's log-odds / simplex coordinates), EM start pulled inside the box
-  (`bayes_dgme.pipeline.inside_box`);
-* ``former``: as before issue #12 item 3: the same model, EM start left on the face of the box
-  (which the sampler then silently replaced by its default start);
+* ``default``: the package as it is with the scenario's own priors (since this analysis, d1_over and
+  d2_over set ``order = "weights"``, so ``default`` equals ``ordered`` there), EM start pulled inside
+  the box (`bayes_dgme.bounds.inside_box`);
+* ``former``: as before issue #12 item 3: unordered weights (``order = "none"``), EM start left on the
+  face of the box (which the sampler then silently replaced by its default start);
 * ``probit``: ``Priors(mixing_transform="probit")``: probit coordinates for λ and the weights,
   unordered;
 * ``ordered``: ``Priors(order="weights")``: decreasing weights in ordered probit stick-breaking
@@ -64,7 +64,7 @@ import numpy as np
 import pandas as pd
 
 import bayes_dgme as bd
-from bayes_dgme import pipeline
+from bayes_dgme import pipeline, sampling
 from bayes_dgme.diagnostics import check, invariant_draws
 
 #: A weight below this is an emptied expert.
@@ -194,22 +194,27 @@ def _by_weight(priors):
     return priors.replace(order="weights")
 
 
+def _unordered(priors):
+    return priors.replace(order="none")
+
+
 #: name -> (priors change, EM start pulled inside the box)
-VARIANTS = {"default": (None, True), "former": (None, False), "probit": (_probit, True), "ordered": (_by_weight, True)}
+VARIANTS = {"default": (None, True), "former": (_unordered, False), "probit": (_probit, True),
+            "ordered": (_by_weight, True)}
 
 
 def _fit(scenario, X, Y, seed, variant, draws, tune, compiled):
     change, pull_inside = VARIANTS[variant]
     inside_box = pipeline.inside_box
-    if not pull_inside:
-        pipeline.inside_box = lambda est, bounds: est  # the former start: EM's point as it comes
+    if not pull_inside:  # the former start: EM's point as it comes (em_start and start_near both pulled it in)
+        pipeline.inside_box = sampling.inside_box = lambda est, bounds: est
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return bd.fit_scenario(scenario, X, Y, seed=seed, draws=draws, tune=tune, chains=2, compiled=compiled,
                                    **({} if change is None else {"priors": change(scenario.priors)}))
     finally:
-        pipeline.inside_box = inside_box
+        pipeline.inside_box = sampling.inside_box = inside_box
 
 
 def run(scenarios, n: int, seeds, variants, draws: int, tune: int, save=None) -> pd.DataFrame:
