@@ -214,9 +214,10 @@ def start_near(compiled: CompiledModel, est: Params, jitter: float = 0.1) -> Com
     The point estimate is mapped to the model's unconstrained space (standardised parameters of
     `bayes_dgme.model`, then PyMC's transforms of each free variable) and each chain starts there
     plus a uniform jitter of ``±jitter`` per coordinate (seeded by nutpie's chain seed). Experts are
-    put in increasing order of intercepts (valid under the ``"intercepts"`` ordering; harmless
-    otherwise); weights and λ are kept off the boundary, and parameters outside the model's bounds
-    (``priors.bounds``) start just inside them. Returns ``None`` when the model has free
+    put in decreasing order of weights under the ``"weights"`` ordering, else in increasing order of
+    intercepts (valid under the ``"intercepts"`` ordering; harmless otherwise); weights and λ are kept
+    off the boundary, and parameters on or outside the model's bounds (``priors.bounds``) start
+    `bayes_dgme.bounds.inside_box` inside them. Returns ``None`` when the model has free
     variables this mapping does not know (e.g. softmax gating): the sampler's own start is used.
     """
     import dataclasses
