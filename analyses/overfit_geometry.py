@@ -173,6 +173,8 @@ def geometry(fit, truth, label: str) -> dict:
         "maxdepth%": float(100 * maxdepth.mean()) if maxdepth is not None else np.nan,
         "step": float(np.median(step)),
         "t_sample": float(fit.timings["sample"]),
+        "adaptation": tree["posterior"].attrs.get("adaptation", ""),
+        "chains_x_draws": f"{lam.shape[0]}x{lam.shape[1]}",
         "loss_med": float(np.median(loss)),
         "loss_mean": float(loss.mean()),
         "loss_chain_med": "/".join(f"{np.median(loss[c]):.3g}" for c in range(loss.shape[0])),
@@ -198,23 +200,43 @@ def _unordered(priors):
     return priors.replace(order="none")
 
 
-#: name -> (priors change, EM start pulled inside the box)
-VARIANTS = {"default": (None, True), "former": (_unordered, False), "probit": (_probit, True),
-            "ordered": (_by_weight, True)}
+#: nutpie's gradient-based diagonal mass matrix: the default before `bayes_dgme.sampling.default_adaptation`.
+_GRAD = {"adaptation": "diag"}
+_DRAW = {"adaptation": "draw_diag"}
+
+#: name -> (priors change, EM start pulled inside the box, nutpie options, sampler settings). The nutpie
+#: options go to ``nutpie.sample`` (through `bayes_dgme.sampling.sample`); the sampler settings
+#: (``draws``, ``tune``, ``chains``) replace the scenario's ``[sampler]`` ones and ``--draws``/``--tune``.
+#: ``previous``: the default before issue #12 item 3's sampler change (nutpie's "diag", 1000 draws).
+VARIANTS = {"default": (None, True, {}, {}), "former": (_unordered, False, _GRAD, {"draws": 1000}),
+            "probit": (_probit, True, _GRAD, {"draws": 1000}), "ordered": (_by_weight, True, _GRAD, {"draws": 1000}),
+            "previous": (None, True, _GRAD, {"draws": 1000}),
+            "drawdiag": (None, True, _DRAW, {"draws": 1000}),
+            "lowrank": (None, True, {"adaptation": "low_rank"}, {"draws": 1000}),
+            "switch20": (None, True, {**_GRAD, "mass_matrix_switch_freq": 20}, {"draws": 1000}),
+            "tune3": (None, True, _GRAD, {"draws": 1000, "tune": 3000}),
+            "draws2": (None, True, _GRAD, {"draws": 2000}),
+            "chains4": (None, True, _GRAD, {"draws": 1000, "chains": 4}),
+            "drawdiag_draws2": (None, True, _DRAW, {"draws": 2000})}
 
 
 def _fit(scenario, X, Y, seed, variant, draws, tune, compiled):
-    change, pull_inside = VARIANTS[variant]
-    inside_box = pipeline.inside_box
+    change, pull_inside, options, overrides = VARIANTS[variant]
+    settings = {"chains": 2, **({} if draws is None else {"draws": draws}), **({} if tune is None else {"tune": tune}),
+                **overrides}
+    inside_box, sample = pipeline.inside_box, sampling.sample
     if not pull_inside:  # the former start: EM's point as it comes (em_start and start_near both pulled it in)
         pipeline.inside_box = sampling.inside_box = lambda est, bounds: est
+    if options:  # fit_posterior imports sampling.sample when called
+        sampling.sample = lambda *args, **kw: sample(*args, **kw, **options)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return bd.fit_scenario(scenario, X, Y, seed=seed, draws=draws, tune=tune, chains=2, compiled=compiled,
+            return bd.fit_scenario(scenario, X, Y, seed=seed, compiled=compiled, **settings,
                                    **({} if change is None else {"priors": change(scenario.priors)}))
     finally:
         pipeline.inside_box = sampling.inside_box = inside_box
+        sampling.sample = sample
 
 
 def run(scenarios, n: int, seeds, variants, draws: int, tune: int, save=None) -> pd.DataFrame:
@@ -234,7 +256,7 @@ def run(scenarios, n: int, seeds, variants, draws: int, tune: int, save=None) ->
                 r["em_start"] = fit.start is not None
                 r["t_total"] = time.perf_counter() - t0
                 rows.append(r)
-                print(pd.DataFrame([r]).to_string(index=False, header=len(rows) == 1, float_format="%.3g"),
+                print(pd.DataFrame([r]).to_string(index=False, header=len(rows) == 1, float_format="%.4g"),
                       flush=True)
     return pd.DataFrame(rows)
 
@@ -244,8 +266,8 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--scenarios", nargs="+", default=["d1_over", "d2_over"])
-    p.add_argument("--draws", type=int, default=1000)
-    p.add_argument("--tune", type=int, default=1000)
+    p.add_argument("--draws", type=int, default=None, help="kept draws per chain (default: the scenario's)")
+    p.add_argument("--tune", type=int, default=None, help="tuning steps per chain (default: the scenario's)")
     p.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
                    help="ways to fit each dataset (default: %(default)s); see the module docstring")
     p.add_argument("--save", default=None, help="directory to write each posterior to (netCDF)")
@@ -253,12 +275,14 @@ def main(argv=None) -> pd.DataFrame:
     variants = args.variants
     out = run(args.scenarios, args.n, args.seeds, variants, args.draws, args.tune, args.save)
     pd.set_option("display.width", 250)
-    print("\n" + out.to_string(index=False, float_format="%.3g"))
+    print("\n" + out.to_string(index=False, float_format="%.4g"))
     ok = (out["div"] == 0) & (out["rhat_loss"] <= 1.01)
     out["target"] = ok
     for variant in variants:
         sel = out["fit"].str.endswith(" " + variant)
         print(f"{variant}: {int(ok[sel].sum())} of {int(sel.sum())} fits with no divergence and R-hat(loss) <= 1.01; "
+              f"divergences {int(out.loc[sel, 'div'].sum())}, worst R-hat(loss) {out.loc[sel, 'rhat_loss'].max():.3f}, "
+              f"median bulk ESS(loss) {out.loc[sel, 'ess_loss'].median():.0f}, "
               f"median sampling time {out.loc[sel, 't_sample'].median():.1f} s")
     return out
 
