@@ -329,8 +329,9 @@ def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000,
         is used (with a warning when a `Params` was given).
     adaptation : {"auto", "diag", "draw_diag", "low_rank", "flow"}, default "auto"
         nutpie's mass-matrix adaptation. ``"auto"``: `default_adaptation` (``"draw_diag"`` for the
-        ordered over-fitted models, nutpie's ``"diag"`` otherwise). Recorded in
-        ``posterior.attrs["adaptation"]``. Other samplers: only ``"auto"`` (their own adaptation).
+        ordered over-fitted models, nutpie's ``"diag"`` otherwise; ``"diag"`` when ``kwargs`` hold one of
+        nutpie's deprecated switches such as ``low_rank_modified_mass_matrix``, which then decide).
+        Recorded in ``posterior.attrs["adaptation"]``. Other samplers: only ``"auto"`` (their own adaptation).
     **kwargs
         Passed to ``nutpie.sample`` or ``pymc.sample``.
 
@@ -387,8 +388,9 @@ def sample(model: pm.Model | CompiledModel, draws: int = 1000, tune: int = 1000,
                               "using the sampler's default start", UserWarning, stacklevel=2)
             else:
                 compiled = started
-        if adaptation == "auto":
-            adaptation = default_adaptation(compiled)
+        if adaptation == "auto":  # nutpie's deprecated switches set the adaptation themselves (from "diag")
+            legacy = {"low_rank_modified_mass_matrix", "transform_adapt", "use_grad_based_mass_matrix"} & set(kwargs)
+            adaptation = "diag" if legacy else default_adaptation(compiled)
         start = time.time()
         tree = nutpie.sample(compiled.nutpie_model, draws=draws, tune=max(tune, 1), chains=chains,
                              cores=cores, seed=seed_int, save_warmup=False, progress_bar=progressbar,
