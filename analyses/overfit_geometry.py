@@ -20,21 +20,30 @@ per fit, what the sampler saw and where the posterior's geometry sits:
   unsorted);
 * where the divergent transitions sit (λ, smallest weight, variance of the lightest expert).
 
-``--variants`` fits each dataset (same data, same seed) in several ways, for a before/after table:
+``--variants`` fits each dataset (same data, same seed) in several ways, for a before/after table
+(`VARIANTS`; the sampler settings default to the scenario's ``[sampler]`` table):
 
-* ``default``: the package as it is with the scenario's own priors (since this analysis, d1_over and
-  d2_over set ``order = "weights"``, so ``default`` equals ``ordered`` there), EM start pulled inside
-  the box (`bayes_dgme.bounds.inside_box`);
-* ``former``: as before issue #12 item 3: unordered weights (``order = "none"``), EM start left on the
-  face of the box (which the sampler then silently replaced by its default start);
+* ``default``: the package as it is with the scenario's own priors (d1_over and d2_over set
+  ``order = "weights"``, which also selects the draw-variance mass matrix,
+  `bayes_dgme.sampling.default_adaptation`), EM start pulled inside the box
+  (`bayes_dgme.bounds.inside_box`);
+* ``previous``: ``default`` with nutpie's own gradient-based mass matrix (``adaptation="diag"``),
+  the default before the sampler change of issue #12 item 3;
+* ``former``: as before issue #12 item 3: unordered weights (``order = "none"``), nutpie's
+  ``"diag"``, EM start left on the face of the box (which the sampler then silently replaced by its
+  default start);
 * ``probit``: ``Priors(mixing_transform="probit")``: probit coordinates for λ and the weights,
   unordered;
-* ``ordered``: ``Priors(order="weights")``: decreasing weights in ordered probit stick-breaking
-  coordinates (the last expert is always the lightest, so an emptied expert never swaps labels with
-  an occupied one).
+* ``ordered``: ``Priors(order="weights")`` with nutpie's ``"diag"``: decreasing weights in ordered
+  probit stick-breaking coordinates (the last expert is always the lightest, so an emptied expert
+  never swaps labels with an occupied one);
+* sampler candidates, all on the ordered model: ``drawdiag`` (= ``default`` at 1000 draws),
+  ``lowrank`` (nutpie's low-rank modified mass matrix), ``switch20`` (mass-matrix switch every 20
+  draws instead of 80), ``tune3`` (3000 tuning steps), ``draws2`` (2000 draws), ``chains4``
+  (4 chains), ``drawdiag_draws2``, ``drawdiag_ta80`` (target acceptance 0.8).
 
-Findings (n = 2000, 2 chains × (1000 + 1000), seeds 0-4, loaded 2-core machine)
---------------------------------------------------------------------------------
+Findings (n = 2000, 2 chains × (1000 + 1000), seeds 0-4 and 5-9, loaded 2-core machine)
+---------------------------------------------------------------------------------------
 * Stuck chains were a label swap in warm-up: the emptied expert drifts onto an occupied component,
   takes it over, the former occupant empties; after nutpie's last mass-matrix update (warm-up draw
   849 of 1000; swap at ~950 on d1_over seed 1) the diagonal mass matrix keeps the old roles (prior
@@ -45,13 +54,21 @@ Findings (n = 2000, 2 chains × (1000 + 1000), seeds 0-4, loaded 2-core machine)
   correlation 0.96-0.99 of the two coordinates); in probit stick-breaking coordinates 0.05-0.7.
 * Two EM starts of ten lay on a face of the box (an intercept at -10, a variance at 0.01), where
   the interval transform is infinite: those chains silently started from the default point.
-* What remains: the Voronoi loss mixes slowly (bulk ESS 120-580 of 2000) because an emptied or
-  split expert explores the box slowly and the loss weighs it with powers up to 4, so R-hat of the
-  loss is ≤ 1.01 in only 3 of 10 fits either way.
+* What remained with the ordering (``previous``): the surplus expert changes configuration slowly
+  (emptied and roaming the box, splitting an occupied component, or on g0), the loss weighs it with
+  powers up to 4, and R-hat of the loss ≤ 1.01 held in 8 of 10 fits on seeds 0-4, 6 of 10 on seeds
+  5-9 (bulk ESS of the loss ~290). nutpie's mass matrix ``sqrt(var(draws) / var(gradients))`` is
+  set by the states where the data pin the surplus expert; adapting it to the draws' variance
+  (``default`` now) gives 10 of 10 and 8 of 10 (ESS ~600 and ~540) for about twice the sampling
+  time. The remaining failures (d2_over seeds 5 and 6) have one chain holding the surplus expert in a
+  split of a component (weight 0.15-0.2) for 100-200 draws, the other not. Longer chains with
+  nutpie's ``"diag"`` (``draws2``) made this worse on seeds 5-9 (4 of 10, R-hat up to 1.16: one
+  chain stays in a split configuration for 800-1200 draws); see README "Over-fitted geometry" for
+  every candidate's numbers.
 
 Run::
 
-    PYTHONPATH=. python analyses/overfit_geometry.py [--n 2000] [--seeds 0 1 2] [--variants default former]
+    PYTHONPATH=. python analyses/overfit_geometry.py [--n 2000] [--seeds 0 1 2] [--variants previous default]
 """
 
 from __future__ import annotations
@@ -173,6 +190,8 @@ def geometry(fit, truth, label: str) -> dict:
         "maxdepth%": float(100 * maxdepth.mean()) if maxdepth is not None else np.nan,
         "step": float(np.median(step)),
         "t_sample": float(fit.timings["sample"]),
+        "adaptation": tree["posterior"].attrs.get("adaptation", ""),
+        "chains_x_draws": f"{lam.shape[0]}x{lam.shape[1]}",
         "loss_med": float(np.median(loss)),
         "loss_mean": float(loss.mean()),
         "loss_chain_med": "/".join(f"{np.median(loss[c]):.3g}" for c in range(loss.shape[0])),
@@ -198,23 +217,44 @@ def _unordered(priors):
     return priors.replace(order="none")
 
 
-#: name -> (priors change, EM start pulled inside the box)
-VARIANTS = {"default": (None, True), "former": (_unordered, False), "probit": (_probit, True),
-            "ordered": (_by_weight, True)}
+#: nutpie's gradient-based diagonal mass matrix: the default before `bayes_dgme.sampling.default_adaptation`.
+_GRAD = {"adaptation": "diag"}
+_DRAW = {"adaptation": "draw_diag"}
+
+#: name -> (priors change, EM start pulled inside the box, nutpie options, sampler settings). The nutpie
+#: options go to ``nutpie.sample`` (through `bayes_dgme.sampling.sample`); the sampler settings
+#: (``draws``, ``tune``, ``chains``) replace the scenario's ``[sampler]`` ones and ``--draws``/``--tune``.
+#: ``previous``: the default before issue #12 item 3's sampler change (nutpie's "diag", 1000 draws).
+VARIANTS = {"default": (None, True, {}, {}), "former": (_unordered, False, _GRAD, {"draws": 1000}),
+            "probit": (_probit, True, _GRAD, {"draws": 1000}), "ordered": (_by_weight, True, _GRAD, {"draws": 1000}),
+            "previous": (None, True, _GRAD, {"draws": 1000}),
+            "drawdiag": (None, True, _DRAW, {"draws": 1000}),
+            "lowrank": (None, True, {"adaptation": "low_rank"}, {"draws": 1000}),
+            "switch20": (None, True, {**_GRAD, "mass_matrix_switch_freq": 20}, {"draws": 1000}),
+            "tune3": (None, True, _GRAD, {"draws": 1000, "tune": 3000}),
+            "draws2": (None, True, _GRAD, {"draws": 2000}),
+            "chains4": (None, True, _GRAD, {"draws": 1000, "chains": 4}),
+            "drawdiag_draws2": (None, True, _DRAW, {"draws": 2000}),
+            "drawdiag_ta80": (None, True, _DRAW, {"draws": 1000, "target_accept": 0.8})}
 
 
 def _fit(scenario, X, Y, seed, variant, draws, tune, compiled):
-    change, pull_inside = VARIANTS[variant]
-    inside_box = pipeline.inside_box
+    change, pull_inside, options, overrides = VARIANTS[variant]
+    settings = {"chains": 2, **({} if draws is None else {"draws": draws}), **({} if tune is None else {"tune": tune}),
+                **overrides}
+    inside_box, sample = pipeline.inside_box, sampling.sample
     if not pull_inside:  # the former start: EM's point as it comes (em_start and start_near both pulled it in)
         pipeline.inside_box = sampling.inside_box = lambda est, bounds: est
+    if options:  # fit_posterior imports sampling.sample when called
+        sampling.sample = lambda *args, **kw: sample(*args, **kw, **options)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return bd.fit_scenario(scenario, X, Y, seed=seed, draws=draws, tune=tune, chains=2, compiled=compiled,
+            return bd.fit_scenario(scenario, X, Y, seed=seed, compiled=compiled, **settings,
                                    **({} if change is None else {"priors": change(scenario.priors)}))
     finally:
         pipeline.inside_box = sampling.inside_box = inside_box
+        sampling.sample = sample
 
 
 def run(scenarios, n: int, seeds, variants, draws: int, tune: int, save=None) -> pd.DataFrame:
@@ -234,7 +274,7 @@ def run(scenarios, n: int, seeds, variants, draws: int, tune: int, save=None) ->
                 r["em_start"] = fit.start is not None
                 r["t_total"] = time.perf_counter() - t0
                 rows.append(r)
-                print(pd.DataFrame([r]).to_string(index=False, header=len(rows) == 1, float_format="%.3g"),
+                print(pd.DataFrame([r]).to_string(index=False, header=len(rows) == 1, float_format="%.4g"),
                       flush=True)
     return pd.DataFrame(rows)
 
@@ -244,8 +284,8 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--scenarios", nargs="+", default=["d1_over", "d2_over"])
-    p.add_argument("--draws", type=int, default=1000)
-    p.add_argument("--tune", type=int, default=1000)
+    p.add_argument("--draws", type=int, default=None, help="kept draws per chain (default: the scenario's)")
+    p.add_argument("--tune", type=int, default=None, help="tuning steps per chain (default: the scenario's)")
     p.add_argument("--variants", nargs="+", default=["default"], choices=list(VARIANTS),
                    help="ways to fit each dataset (default: %(default)s); see the module docstring")
     p.add_argument("--save", default=None, help="directory to write each posterior to (netCDF)")
@@ -253,12 +293,14 @@ def main(argv=None) -> pd.DataFrame:
     variants = args.variants
     out = run(args.scenarios, args.n, args.seeds, variants, args.draws, args.tune, args.save)
     pd.set_option("display.width", 250)
-    print("\n" + out.to_string(index=False, float_format="%.3g"))
+    print("\n" + out.to_string(index=False, float_format="%.4g"))
     ok = (out["div"] == 0) & (out["rhat_loss"] <= 1.01)
     out["target"] = ok
     for variant in variants:
         sel = out["fit"].str.endswith(" " + variant)
         print(f"{variant}: {int(ok[sel].sum())} of {int(sel.sum())} fits with no divergence and R-hat(loss) <= 1.01; "
+              f"divergences {int(out.loc[sel, 'div'].sum())}, worst R-hat(loss) {out.loc[sel, 'rhat_loss'].max():.3f}, "
+              f"median bulk ESS(loss) {out.loc[sel, 'ess_loss'].median():.0f}, "
               f"median sampling time {out.loc[sel, 't_sample'].median():.1f} s")
     return out
 

@@ -41,7 +41,8 @@ class Priors:
         ``"weights"`` (constant gating): decreasing weights, so the last expert is always the lightest;
         in an over-fitted model an emptied expert then never swaps labels with an occupied one
         (such swaps during warm-up left nutpie's mass matrix fitted to the wrong labels and chains
-        stuck). Softmax gating ignores it.
+        stuck). Softmax gating ignores it. It also makes `bayes_dgme.sample` adapt nutpie's mass
+        matrix to the draws' variance (`bayes_dgme.sampling.default_adaptation`).
     mle : bool
         MLE mode: flat priors on every parameter, so that the MAP estimate is the MLE.
     bounds : Bounds or dict
