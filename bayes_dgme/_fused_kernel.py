@@ -149,17 +149,19 @@ def vlog(x):
 
 
 @njit(cache=True, fastmath=_FASTMATH, boundscheck=False, nogil=True, error_model="numpy")
-def kernel(softmax, weights, log_w, b0, b1, A, B, V, X, Y, lg0):
+def kernel(softmax, pointwise, weights, log_w, b0, b1, A, B, V, X, Y, lg0):
     """Pointwise log-likelihood and the gradients of ``Σ_n w_n ℓ_n`` (``weights`` of length 0: all 1).
 
     Same contract as `bayes_dgme.fused.numpy_kernel`; returns ``(ll, g_log_w, g_b0, g_b1, g_A, g_B,
-    g_V)``.
+    g_V)``. With ``pointwise`` false ``ll`` has the single entry ``Σ_n ℓ_n`` (no ``(n,)`` vector is
+    written: what a log density summed over the data needs).
     """
     n, d = X.shape
     k = A.shape[0]
     weighted = weights.shape[0] > 0
     C = CHUNK
-    ll = np.empty(n)
+    ll = np.empty(n if pointwise else 1)
+    total = 0.0
     g_log_w = np.zeros(log_w.shape[0])
     g_b0 = np.zeros(k)
     g_b1 = np.zeros((k, d))
@@ -250,10 +252,18 @@ def kernel(softmax, weights, log_w, b0, b1, A, B, V, X, Y, lg0):
                 tj = vexp(t[j, r] - m[r])
                 t[j, r] = tj
                 s[r] += tj
-        for r in range(c):
-            sr = s[r]
-            ll[start + r] = m[r] + vlog(sr)
-            inv_s[r] = 1.0 / sr if sr > 0 else 0.0
+        if pointwise:
+            for r in range(c):
+                sr = s[r]
+                ll[start + r] = m[r] + vlog(sr)
+                inv_s[r] = 1.0 / sr if sr > 0 else 0.0
+        else:
+            acc = 0.0
+            for r in range(c):
+                sr = s[r]
+                acc += m[r] + vlog(sr)
+                inv_s[r] = 1.0 / sr if sr > 0 else 0.0
+            total += acc
         if weighted:
             for r in range(c):
                 inv_s[r] *= weights[start + r]
@@ -305,4 +315,6 @@ def kernel(softmax, weights, log_w, b0, b1, A, B, V, X, Y, lg0):
                     g_b1[i, j] += a_x
     for i in range(k):
         g_V[i] *= 0.5 * inv_v[i]
+    if not pointwise:
+        ll[0] = total
     return ll, g_log_w, g_b0, g_b1, g_A, g_B, g_V

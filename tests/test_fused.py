@@ -207,3 +207,56 @@ def test_exp_polynomial_is_the_chebyshev_interpolant():
     assert np.log(2) / 2 < 0.3466
     assert [getattr(fk, f"_C{j}") for j in range(12)] == coef
     assert err < 2e-17
+
+
+_REWRITES = ("local_dgme_logp_sum", "local_dgme_weighted_grad_of_sum")
+
+
+@pytest.mark.parametrize("gating", ["constant", "softmax"])
+def test_sum_rewrites_keep_values_and_drop_per_row_work(gating):
+    # a log density Σ ℓ_n (times a constant) and its gradient: the rewrites put the scalar-output Op in
+    # place of the pointwise one and drop DGMEWeightedGrad; values equal the unrewritten graph's
+    from pytensor.compile.mode import get_mode
+
+    from bayes_dgme.fused import DGMEWeightedGrad
+
+    d = 2
+    X, Y, lg0 = _data(d)
+    ins = [pt.dvector("log_w"), pt.dvector("b0"), pt.dmatrix("b1"), pt.dmatrix("A"), pt.dvector("B"),
+           pt.dvector("V")]
+    ll = DGMELogp(gating)(*ins, X, Y, lg0)[0]
+    wrt = ins if gating == "softmax" else [ins[0], *ins[3:]]
+    beta = pt.dscalar("beta")
+    total = beta * ll.sum() + 0.5 * pt.sum(ll, axis=0)
+    outs = [total, *pytensor.grad(total, wrt)]
+    rng = np.random.default_rng(3)
+    points = [_point(rng, gating, d), _point(rng, gating, d, lam=1e-12), _point(rng, gating, d, lam=1 - 1e-12),
+              _point(rng, gating, d, variances=[1e-10, 0.5, 1e-8])]
+    for mode in ("FAST_COMPILE", "NUMBA"):
+        fn = pytensor.function([*ins, beta], outs, mode=mode, on_unused_input="ignore")
+        ref = pytensor.function([*ins, beta], outs, mode=get_mode(mode).excluding(*_REWRITES),
+                                on_unused_input="ignore")
+        ops = [node.op for node in fn.maker.fgraph.apply_nodes]
+        ref_ops = [node.op for node in ref.maker.fgraph.apply_nodes]
+        assert DGMELogp(gating, pointwise=False) in ops and DGMELogp(gating) not in ops, mode
+        assert not any(isinstance(op, DGMEWeightedGrad) for op in ops), mode
+        assert DGMELogp(gating) in ref_ops and any(isinstance(op, DGMEWeightedGrad) for op in ref_ops), mode
+        for vals in points:
+            for a, b in zip(fn(*vals, 1.7), ref(*vals, 1.7)):
+                np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=mode)
+
+
+def test_pointwise_and_weighted_uses_are_not_rewritten():
+    # ℓ itself (the pointwise log-likelihood of LOO) and a weighted sum's gradient keep their Ops
+    from bayes_dgme.fused import DGMEWeightedGrad
+
+    X, Y, lg0 = _data(1)
+    ins = [pt.dvector("log_w"), pt.dvector("b0"), pt.dmatrix("b1"), pt.dmatrix("A"), pt.dvector("B"),
+           pt.dvector("V")]
+    ll = DGMELogp("constant")(*ins, X, Y, lg0)[0]
+    w = np.random.default_rng(5).uniform(0.5, 2.0, size=N)
+    for outs, weighted in [([ll, ll.sum()], False), ([(w * ll).sum(), pytensor.grad((w * ll).sum(), ins[3])], True)]:
+        fn = pytensor.function(ins, outs, mode="NUMBA", on_unused_input="ignore")
+        ops = [node.op for node in fn.maker.fgraph.apply_nodes]
+        assert DGMELogp("constant") in ops and DGMELogp("constant", pointwise=False) not in ops
+        assert any(isinstance(op, DGMEWeightedGrad) for op in ops) == weighted
