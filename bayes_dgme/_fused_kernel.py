@@ -18,9 +18,12 @@ LLVM from vectorising the loop over rows. `vexp` and `vlog` are branch-free and 
   ``log(m) = f − f²/2 + s (f²/2 + R(s²))``, ``s = f / (2 + f)``, ``f = m − 1`` (error below 1 ulp);
   ``log(0) = -inf``, ``log(x < 0) = NaN``, ``log(inf) = inf``, subnormals handled.
 
+The kernel calls `vexp_neg`, the same ``exp`` for arguments ``<= 0`` (a term minus the row's
+maximum): no overflow handling, ``2^n`` built directly (five operations fewer in twenty-five).
+
 They are compiled without fast-math flags (their rounding steps must stay as written), except
-``contract`` for `vexp`: fusing a product and a sum into one FMA only removes a rounding, and in
-`vexp` every such pair is either exact anyway (``n · ln2_hi``) or a polynomial step; the kernel,
+``contract`` for the ``exp``: fusing a product and a sum into one FMA only removes a rounding, and
+there every such pair is either exact anyway (``n · ln2_hi``) or a polynomial step; the kernel,
 which calls them, allows reassociation so that its sums over rows vectorise (never ``nnan``/``ninf``:
 it relies on ``-inf`` terms).
 
@@ -38,7 +41,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["vexp", "vlog", "kernel", "CHUNK"]
+__all__ = ["vexp", "vexp_neg", "vlog", "kernel", "CHUNK"]
 
 #: Rows per block of the kernel (its work arrays stay in L1/L2 cache).
 CHUNK = 512
@@ -83,10 +86,8 @@ _C8, _C9, _C10, _C11 = 2.4801485451264055e-05, 2.7557240894691074e-06, 2.7632651
 
 
 @njit(cache=True, error_model="numpy", fastmath={"contract"})  # explicit: callees inherit the caller's flags
-def vexp(x):
-    """``exp(x)`` (float64), branch-free; see the module docstring."""
-    xc = -708.0 if x < -708.0 else x  # NaN passes through
-    xc = 709.78 if xc > 709.78 else xc
+def _exp_reduced(xc):
+    """``(p, n)`` with ``exp(xc) = p · 2^n``, ``p`` in ``[0.7, 1.42]``, ``n`` integer-valued (``|xc| <= 709.78``)."""
     kd = np.rint(xc * _LOG2E)
     r = (xc - kd * _LN2_HI) - kd * _LN2_LO
     p = _C11
@@ -101,11 +102,33 @@ def vexp(x):
     p = p * r + _C2
     p = p * r + _C1
     p = p * r + _C0
+    return p, kd
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def vexp(x):
+    """``exp(x)`` (float64), branch-free; see the module docstring."""
+    xc = -708.0 if x < -708.0 else x  # NaN passes through
+    xc = 709.78 if xc > 709.78 else xc
+    p, kd = _exp_reduced(xc)
     ki = _f64_bits(kd + _SHIFT)  # low bits: n (two's complement, modulo 2^12 after the shift below)
     scale = _bits_f64((ki + 1022) << 52)  # 2^(n - 1): n runs from -1021 to 1024
     res = (p * 2.0) * scale  # p · 2 first: no subnormal intermediate near x = -708
     res = 0.0 if x < -708.0 else res
     res = np.inf if x > 709.782712893384 else res
+    return res
+
+
+@njit(cache=True, error_model="numpy", fastmath={"contract"})
+def vexp_neg(x):
+    """``exp(x)`` for ``x <= 0`` (``-inf``, NaN included), what the kernel needs: `vexp` without the
+    overflow side (no upper clamp, ``2^n`` built directly). Wrong for ``x > 709``."""
+    xc = -708.0 if x < -708.0 else x  # NaN passes through
+    p, kd = _exp_reduced(xc)
+    ki = _f64_bits(kd + _SHIFT)
+    scale = _bits_f64((ki + 1023) << 52)  # 2^n: n runs from -1021 to 0
+    res = p * scale
+    res = 0.0 if x < -708.0 else res
     return res
 
 
@@ -207,7 +230,7 @@ def kernel(softmax, pointwise, weights, log_w, b0, b1, A, B, V, X, Y, lg0):
             for i in range(k):
                 for r in range(c):
                     eta = pi[i, r] - m[r]
-                    pi[i, r] = vexp(eta)
+                    pi[i, r] = vexp_neg(eta)
                     t[i + 1, r] = eta  # log π + log s for now
                     s[r] += pi[i, r]
             for r in range(c):
@@ -249,7 +272,7 @@ def kernel(softmax, pointwise, weights, log_w, b0, b1, A, B, V, X, Y, lg0):
             s[r] = 0.0
         for j in range(k + 1):
             for r in range(c):
-                tj = vexp(t[j, r] - m[r])
+                tj = vexp_neg(t[j, r] - m[r])
                 t[j, r] = tj
                 s[r] += tj
         if pointwise:

@@ -58,7 +58,7 @@ __all__ = ["DGMELogp", "DGMEWeightedGrad", "dgme_logp", "GATINGS", "numpy_kernel
 GATINGS = ("constant", "softmax")
 _LOG_2PI = float(np.log(2 * np.pi))
 #: Version of the kernels, part of the numba cache key (bump it whenever a kernel changes).
-KERNEL_VERSION = 5
+KERNEL_VERSION = 6
 
 _N_PARAMS = 6  # log_w, gate_b0, gate_b1, slopes, intercepts, variances
 _N_DATA = 3  # X, Y, log_g0

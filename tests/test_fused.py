@@ -133,7 +133,7 @@ def test_vectorisable_exp_and_log_against_numpy():
     # over the whole range, with numpy's special values (exp's subnormal results are flushed to 0)
     from numba import njit
 
-    from bayes_dgme._fused_kernel import vexp, vlog
+    from bayes_dgme._fused_kernel import vexp, vexp_neg, vlog
 
     @njit(error_model="numpy")
     def apply(f, x):
@@ -148,6 +148,11 @@ def test_vectorisable_exp_and_log_against_numpy():
     assert _ulps(apply(vexp, x), np.exp(x)).max() <= 1.0
     special = np.array([-np.inf, -800.0, -708.5, 0.0, -0.0, 709.9, np.inf, np.nan])
     np.testing.assert_array_equal(apply(vexp, special), [0, 0, 0, 1, 1, np.inf, np.inf, np.nan])
+    # the kernel's exp of arguments <= 0: the same values there
+    neg = x[x <= 0]
+    np.testing.assert_array_equal(apply(vexp_neg, neg), apply(vexp, neg))
+    np.testing.assert_array_equal(apply(vexp_neg, special[:5]), [0, 0, 0, 1, 1])
+    assert np.isnan(apply(vexp_neg, special[-1:])[0])
 
     y = np.concatenate([np.exp(rng.uniform(-700, 709, 400_000)), rng.uniform(1, 6, 400_000),
                         1 + rng.uniform(-1e-8, 1e-8, 100_000), rng.uniform(0, 1e-300, 100_000)])
