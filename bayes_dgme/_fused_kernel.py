@@ -19,7 +19,8 @@ LLVM from vectorising the loop over rows. `vexp` and `vlog` are branch-free and 
   ``log(0) = -inf``, ``log(x < 0) = NaN``, ``log(inf) = inf``, subnormals handled.
 
 The kernel calls `vexp_neg`, the same ``exp`` for arguments ``<= 0`` (a term minus the row's
-maximum): no overflow handling, ``2^n`` built directly (five operations fewer in twenty-five).
+maximum): no overflow handling, ``2^n`` built directly (five operations fewer in twenty-five); and
+`vlog_row`, the same ``log`` for a row's sum of those exponentials (``>= 1``, or ``0``, or NaN).
 
 They are compiled without fast-math flags (their rounding steps must stay as written), except
 ``contract`` for the ``exp``: fusing a product and a sum into one FMA only removes a rounding, and
@@ -41,7 +42,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-__all__ = ["vexp", "vexp_neg", "vlog", "kernel", "CHUNK"]
+__all__ = ["vexp", "vexp_neg", "vlog", "vlog_row", "kernel", "CHUNK"]
 
 #: Rows per block of the kernel (its work arrays stay in L1/L2 cache).
 CHUNK = 512
@@ -146,14 +147,11 @@ _TWO52 = 4503599627370496.0
 
 
 @njit(cache=True, error_model="numpy", fastmath=False)  # explicit: callees inherit the caller's flags otherwise
-def vlog(x):
-    """``log(x)`` (float64), branch-free; see the module docstring."""
-    sub = x < _TINY
-    xs = x * _TWO52 if sub else x  # subnormals (and 0, negatives: fixed below) scaled to normal
-    k0 = -52 if sub else 0
+def _log_normal(xs, k0):
+    """``log(xs) + k0 ln2`` for a positive normal ``xs`` (fdlibm's reduction and polynomial)."""
     ix = _f64_bits(xs)
     tmp = ix - _SQRT_HALF_BITS
-    k = (tmp >> 52) + k0  # arithmetic shift: the exponent of x relative to [sqrt(1/2), sqrt(2))
+    k = (tmp >> 52) + k0  # arithmetic shift: the exponent of xs relative to [sqrt(1/2), sqrt(2))
     m = _bits_f64(ix - (tmp & _EXP_MASK))
     f = m - 1.0
     s = f / (2.0 + f)
@@ -164,11 +162,28 @@ def vlog(x):
     R = t2 + t1
     hfsq = 0.5 * f * f
     dk = _bits_f64(k + _SHIFT_BITS) - _SHIFT  # float(k) without an int64 -> float64 conversion (none in AVX2)
-    res = dk * _LN2_HI - ((hfsq - (s * (hfsq + R) + dk * _LN2_LO)) - f)
+    return dk * _LN2_HI - ((hfsq - (s * (hfsq + R) + dk * _LN2_LO)) - f)
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def vlog(x):
+    """``log(x)`` (float64), branch-free; see the module docstring."""
+    sub = x < _TINY
+    xs = x * _TWO52 if sub else x  # subnormals (and 0, negatives: fixed below) scaled to normal
+    res = _log_normal(xs, -52 if sub else 0)
     res = -np.inf if x == 0.0 else res
     res = np.nan if x < 0.0 else res
     res = x if not x < np.inf else res  # inf, NaN
     return res
+
+
+@njit(cache=True, error_model="numpy", fastmath=False)
+def vlog_row(x):
+    """``log(x)`` of a row's ``Σ_j exp(t_j − max t)``: ``x >= 1``, or ``0`` (every term ``-inf``), or NaN.
+    `vlog` without the subnormal, negative and infinite cases; wrong for ``0 < x < 2^-1022``."""
+    res = _log_normal(x, 0)
+    res = -np.inf if x == 0.0 else res
+    return x if x != x else res  # NaN (whose bits would give a finite number)
 
 
 @njit(cache=True, fastmath=_FASTMATH, boundscheck=False, nogil=True, error_model="numpy")
@@ -235,7 +250,7 @@ def kernel(softmax, pointwise, weights, log_w, b0, b1, A, B, V, X, Y, lg0):
                     s[r] += pi[i, r]
             for r in range(c):
                 inv_s[r] = 1.0 / s[r]
-                s[r] = vlog(s[r])
+                s[r] = vlog_row(s[r])
             for i in range(k):
                 for r in range(c):
                     t[i + 1, r] -= s[r]  # log π
@@ -278,13 +293,13 @@ def kernel(softmax, pointwise, weights, log_w, b0, b1, A, B, V, X, Y, lg0):
         if pointwise:
             for r in range(c):
                 sr = s[r]
-                ll[start + r] = m[r] + vlog(sr)
+                ll[start + r] = m[r] + vlog_row(sr)
                 inv_s[r] = 1.0 / sr if sr > 0 else 0.0
         else:
             acc = 0.0
             for r in range(c):
                 sr = s[r]
-                acc += m[r] + vlog(sr)
+                acc += m[r] + vlog_row(sr)
                 inv_s[r] = 1.0 / sr if sr > 0 else 0.0
             total += acc
         if weighted:

@@ -40,6 +40,9 @@ and ``Y``.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytensor.tensor as pt
 from numpy.lib.stride_tricks import as_strided
@@ -57,8 +60,18 @@ __all__ = ["DGMELogp", "DGMEWeightedGrad", "dgme_logp", "GATINGS", "numpy_kernel
 
 GATINGS = ("constant", "softmax")
 _LOG_2PI = float(np.log(2 * np.pi))
-#: Version of the kernels, part of the numba cache key (bump it whenever a kernel changes).
-KERNEL_VERSION = 6
+
+
+def _source_key() -> int:
+    """Hash of this module's and `bayes_dgme._fused_kernel`'s source (read, not imported: no numba here)."""
+    here = Path(__file__)
+    digest = hashlib.sha256(here.read_bytes() + here.with_name("_fused_kernel.py").read_bytes()).hexdigest()
+    return int(digest[:15], 16)
+
+
+#: Part of PyTensor's numba cache key of the Ops: the hash of the kernels' source, so that a changed
+#: kernel is never served from a cache compiled with the old one.
+KERNEL_VERSION = _source_key()
 
 _N_PARAMS = 6  # log_w, gate_b0, gate_b1, slopes, intercepts, variances
 _N_DATA = 3  # X, Y, log_g0

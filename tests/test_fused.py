@@ -133,7 +133,7 @@ def test_vectorisable_exp_and_log_against_numpy():
     # over the whole range, with numpy's special values (exp's subnormal results are flushed to 0)
     from numba import njit
 
-    from bayes_dgme._fused_kernel import vexp, vexp_neg, vlog
+    from bayes_dgme._fused_kernel import vexp, vexp_neg, vlog, vlog_row
 
     @njit(error_model="numpy")
     def apply(f, x):
@@ -160,6 +160,10 @@ def test_vectorisable_exp_and_log_against_numpy():
     special = np.array([0.0, -1.0, np.inf, np.nan, 5e-324, 1e-310, 1.0, np.finfo(float).max])
     with np.errstate(divide="ignore", invalid="ignore"):
         np.testing.assert_allclose(apply(vlog, special), np.log(special), rtol=1e-15)
+    # the kernel's log of a row's sum (>= 1, or 0, or NaN): the same values on normal numbers
+    normal = y[y >= np.finfo(float).tiny]
+    np.testing.assert_array_equal(apply(vlog_row, normal), apply(vlog, normal))
+    np.testing.assert_array_equal(apply(vlog_row, np.array([0.0, 1.0, np.nan])), [-np.inf, 0.0, np.nan])
 
 
 def _chebyshev_exp_coefficients(degree=11, half_width="0.3466"):
@@ -236,7 +240,7 @@ def test_sum_rewrites_keep_values_and_drop_per_row_work(gating):
     outs = [total, *pytensor.grad(total, wrt)]
     rng = np.random.default_rng(3)
     points = [_point(rng, gating, d), _point(rng, gating, d, lam=1e-12), _point(rng, gating, d, lam=1 - 1e-12),
-              _point(rng, gating, d, variances=[1e-10, 0.5, 1e-8])]
+              _point(rng, gating, d, variances=[1e-10, 0.5, 1e-8]), _point(rng, gating, d, variances=[np.nan, 1, 1])]
     for mode in ("FAST_COMPILE", "NUMBA"):
         fn = pytensor.function([*ins, beta], outs, mode=mode, on_unused_input="ignore")
         ref = pytensor.function([*ins, beta], outs, mode=get_mode(mode).excluding(*_REWRITES),
@@ -249,6 +253,14 @@ def test_sum_rewrites_keep_values_and_drop_per_row_work(gating):
         for vals in points:
             for a, b in zip(fn(*vals, 1.7), ref(*vals, 1.7)):
                 np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=mode)
+        assert np.isnan(fn(*points[-1], 1.7)[0]), f"{mode}: a NaN parameter must give a NaN log density"
+
+
+def test_nan_parameter_gives_nan_rows(compiled):
+    gating, d, _, _, _, _, _, fns = compiled
+    vals = _point(np.random.default_rng(2), gating, d, variances=[0.5, np.nan, 1.0])
+    for mode, fn in fns.items():
+        assert np.isnan(fn(*vals)[0]).all(), mode
 
 
 def test_pointwise_and_weighted_uses_are_not_rewritten():
