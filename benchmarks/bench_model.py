@@ -158,8 +158,15 @@ def kernel_calls(model) -> list:
     return [lambda _: kernel(softmax, True, none, *ins), lambda _: kernel(softmax, False, none, *ins)]
 
 
+SMALL_N = 100  # --grad-only: bayes_dgme's callback on this many rows too, for its cost per call and per row
+
+
 def grad_only(names, n, seeds, seed, repeats, evals) -> list[dict]:
-    """logp+gradient timings only (``--grad-only``): per scenario and seed, ``repeats`` interleaved rounds."""
+    """logp+gradient timings only (``--grad-only``): per scenario and seed, ``repeats`` interleaved rounds.
+
+    Besides ns/obs at ``n``, bayes_dgme's callback on the first `SMALL_N` rows (the same compiled model
+    with other data) splits its time in a cost per call ``t(SMALL_N)`` and per row
+    ``(t(n) − t(SMALL_N)) / (n − SMALL_N)``."""
     rows = []
     for name in names:
         for s in range(seeds):
@@ -168,20 +175,27 @@ def grad_only(names, n, seeds, seed, repeats, evals) -> list[dict]:
                                    priors=scenario.priors)
             ours = sampling.compile_model(model)
             plain = nutpie.compile_pymc_model(plain_model(X, Y, scenario))
+            small = ours.with_data(X[:SMALL_N], Y[:SMALL_N])
             extra = kernel_calls(model)
             for rep in range(repeats):
-                med, low = grad_times([ours.nutpie_model, plain], evals=evals, extra=extra)
+                med, low = grad_times([ours.nutpie_model, plain, small.nutpie_model], evals=evals, extra=extra)
+                med, low = med[:2] + med[3:] + med[2:3], low[:2] + low[3:] + low[2:3]
                 keys = ("ours", "plain", "kernel", "kernel_sum")
                 row = {"scenario": name, "seed": seed + s, "repeat": rep, "load": load(),
                        **{f"{key}_ns_obs": 1e9 * m / n for key, m in zip(keys, med)},
-                       **{f"{key}_ns_obs_min": 1e9 * m / n for key, m in zip(keys, low)}}
+                       **{f"{key}_ns_obs_min": 1e9 * m / n for key, m in zip(keys, low)},
+                       "ours_per_call_us": 1e6 * med[4], "ours_per_call_us_min": 1e6 * low[4],
+                       "ours_per_row_ns": 1e9 * (med[0] - med[4]) / (n - SMALL_N),
+                       "ours_per_row_ns_min": 1e9 * (low[0] - low[4]) / (n - SMALL_N)}
                 rows.append(row)
                 log(f"{name} seed {seed + s} round {rep}: ns/obs median (min) bayes_dgme "
                     f"{row['ours_ns_obs']:.1f} ({row['ours_ns_obs_min']:.1f}), plain {row['plain_ns_obs']:.1f} "
                     f"({row['plain_ns_obs_min']:.1f}), speed-up {row['plain_ns_obs'] / row['ours_ns_obs']:.2f}x "
                     f"({row['plain_ns_obs_min'] / row['ours_ns_obs_min']:.2f}x); kernel alone pointwise "
                     f"{row['kernel_ns_obs']:.1f} ({row['kernel_ns_obs_min']:.1f}), summed "
-                    f"{row['kernel_sum_ns_obs']:.1f} ({row['kernel_sum_ns_obs_min']:.1f}); {row['load']}")
+                    f"{row['kernel_sum_ns_obs']:.1f} ({row['kernel_sum_ns_obs_min']:.1f}); bayes_dgme per call "
+                    f"{row['ours_per_call_us']:.1f} ({row['ours_per_call_us_min']:.1f}) µs, per row "
+                    f"{row['ours_per_row_ns']:.1f} ({row['ours_per_row_ns_min']:.1f}) ns; {row['load']}")
     print(f"\nn = {n}; logp+gradient ns/obs, median over {evals} interleaved calls per round (minimum in brackets)")
     for name in names:
         sel = [r for r in rows if r["scenario"] == name]
@@ -193,7 +207,10 @@ def grad_only(names, n, seeds, seed, repeats, evals) -> list[dict]:
               f"{med('plain_ns_obs'):.1f} ({med('plain_ns_obs_min'):.1f}); speed-up (median of rounds) "
               f"{float(np.median([r['plain_ns_obs'] / r['ours_ns_obs'] for r in sel])):.2f}x; kernel alone "
               f"{med('kernel_ns_obs'):.1f} ({med('kernel_ns_obs_min'):.1f}) pointwise, "
-              f"{med('kernel_sum_ns_obs'):.1f} ({med('kernel_sum_ns_obs_min'):.1f}) summed")
+              f"{med('kernel_sum_ns_obs'):.1f} ({med('kernel_sum_ns_obs_min'):.1f}) summed; bayes_dgme per call "
+              f"{med('ours_per_call_us'):.1f} ({med('ours_per_call_us_min'):.1f}) µs + per row "
+              f"{med('ours_per_row_ns'):.1f} ({med('ours_per_row_ns_min'):.1f}) ns")
+    print("kernel alone: called from Python (numba's dispatch of 12 arguments included, a few µs per call).")
     return rows
 
 
