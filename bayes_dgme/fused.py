@@ -19,6 +19,14 @@ and the responsibilities ``r_nj = exp(t_nj − ℓ_n)`` give every partial deriv
 read from the forward pass at no cost; otherwise (a weighted sum) a second pass computes
 ``Σ_n g_n ∇ℓ_n``. Second derivatives are not implemented.
 
+Two graph rewrites (PyTensor's ``canonicalize``, so every compile mode) remove what is left per
+observation outside the kernel in a log density and its gradient: `DGMEWeightedGrad` of a ``g`` that
+is a scalar broadcast (``fill``/``second``, ``Alloc``, or a constant with equal entries) becomes
+``c · (fused gradients)`` (no ``(n,)`` vector of ones, no pass checking that its entries are equal);
+then a `DGMELogp` whose pointwise output only feeds full sums becomes ``DGMELogp(pointwise=False)``,
+whose first output is ``Σ_n ℓ_n`` accumulated inside the kernel (no ``(n,)`` vector written and read
+again). A graph that uses ``ℓ`` itself (the pointwise log-likelihood for LOO) keeps the pointwise Op.
+
 Implementations: numpy (``perform``, used by PyMC's own NUTS, ``find_MAP`` and the Python linker) and
 numba (`bayes_dgme._fused_kernel`: one pass over the rows in chunks, with its own vectorisable ``exp``
 and ``log`` so that LLVM vectorises the row loops; registered for PyTensor's numba backend, what nutpie
@@ -32,18 +40,38 @@ and ``Y``.
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import pytensor.tensor as pt
+from numpy.lib.stride_tricks import as_strided
 from pytensor.gradient import DisconnectedType, grad_not_implemented
-from pytensor.graph.basic import Apply
+from pytensor.graph.basic import Apply, Constant
 from pytensor.graph.op import Op
+from pytensor.graph.rewriting.basic import node_rewriter
+from pytensor.scalar.basic import Second
+from pytensor.tensor.basic import Alloc
+from pytensor.tensor.elemwise import Elemwise
+from pytensor.tensor.math import Sum
+from pytensor.tensor.rewriting.basic import register_canonicalize
 
 __all__ = ["DGMELogp", "DGMEWeightedGrad", "dgme_logp", "GATINGS", "numpy_kernel"]
 
 GATINGS = ("constant", "softmax")
 _LOG_2PI = float(np.log(2 * np.pi))
-#: Version of the kernels, part of the numba cache key (bump it whenever a kernel changes).
-KERNEL_VERSION = 3
+
+
+def _source_key() -> int:
+    """Hash of this module's and `bayes_dgme._fused_kernel`'s source (read, not imported: no numba here)."""
+    here = Path(__file__)
+    digest = hashlib.sha256(here.read_bytes() + here.with_name("_fused_kernel.py").read_bytes()).hexdigest()
+    return int(digest[:15], 16)
+
+
+#: Part of PyTensor's numba cache key of the Ops: the hash of the kernels' source, so that a changed
+#: kernel is never served from a cache compiled with the old one.
+KERNEL_VERSION = _source_key()
 
 _N_PARAMS = 6  # log_w, gate_b0, gate_b1, slopes, intercepts, variances
 _N_DATA = 3  # X, Y, log_g0
@@ -120,12 +148,17 @@ class DGMELogp(Op):
     ``log(1 − λ, λ p_1, …, λ p_k)`` (constant gating; the gate inputs are ignored) or ``log(1 − λ, λ)``
     (softmax gating). Outputs ``(ll, g_log_w, g_gate_b0, g_gate_b1, g_slopes, g_intercepts,
     g_variances)``: ``ll`` of shape ``(n,)`` and the gradients of ``Σ_n ll_n`` with the inputs' shapes.
+    With ``pointwise=False`` ``ll`` is the scalar ``Σ_n ll_n`` (what the graph rewrite of the module
+    docstring puts in place of a sum of the pointwise output).
     """
 
-    __props__ = ("gating",)
+    __props__ = ("gating", "pointwise")
 
-    def __init__(self, gating: str = "constant"):
+    def __init__(self, gating: str = "constant", pointwise: bool = True):
         self.gating = _check_gating(gating)
+        if not isinstance(pointwise, bool | np.bool_):
+            raise ValueError(f"pointwise: expected a bool, got {pointwise!r}")
+        self.pointwise = bool(pointwise)
 
     def make_node(self, *inputs):
         inputs = [pt.as_tensor_variable(x).astype("float64") for x in inputs]
@@ -136,17 +169,22 @@ class DGMELogp(Op):
         for name, x, nd in zip(names, inputs, ndims):
             if x.ndim != nd:
                 raise ValueError(f"{name}: expected {nd} dimension(s), got {x.ndim}")
-        outputs = [pt.vector(dtype="float64", shape=(inputs[7].type.shape[0],))]
+        if self.pointwise:
+            outputs = [pt.vector(dtype="float64", shape=(inputs[7].type.shape[0],))]
+        else:
+            outputs = [pt.scalar(dtype="float64")]
         outputs += [x.type() for x in inputs[:_N_PARAMS]]
         return Apply(self, inputs, outputs)
 
     def perform(self, node, inputs, output_storage):
         out = numpy_kernel(self.gating == "softmax", None, *inputs)
+        if not self.pointwise:
+            out = (out[0].sum(), *out[1:])
         for storage, value in zip(output_storage, out):
             storage[0] = np.asarray(value, dtype="float64")
 
     def infer_shape(self, node, shapes):
-        return [shapes[7], *shapes[:_N_PARAMS]]
+        return [shapes[7] if self.pointwise else (), *shapes[:_N_PARAMS]]
 
     def pullback(self, inputs, outputs, output_grads):
         for g in output_grads[1:]:
@@ -156,7 +194,10 @@ class DGMELogp(Op):
         g_ll = output_grads[0]
         if isinstance(g_ll.type, DisconnectedType):
             return [g_ll.type() for _ in inputs]
-        grads = DGMEWeightedGrad(self.gating)(g_ll, *outputs[1:], *inputs)
+        if self.pointwise:
+            grads = DGMEWeightedGrad(self.gating)(g_ll, *outputs[1:], *inputs)
+        else:
+            grads = [g_ll * f for f in outputs[1:]]
         data = [grad_not_implemented(self, i, x, "the data of a DGME are not differentiated")
                 for i, x in enumerate(inputs[_N_PARAMS:], start=_N_PARAMS)]
         return [*grads, *data]
@@ -207,6 +248,60 @@ def dgme_logp(log_w, gate_b0, gate_b1, slopes, intercepts, variances, X, Y, log_
     return DGMELogp(gating)(log_w, gate_b0, gate_b1, slopes, intercepts, variances, X, Y, log_g0)[0]
 
 
+# ---------------------------------------------------------------------------------------------- rewrites
+def _broadcast_scalar(g):
+    """The scalar ``c`` when the vector ``g`` is ``c`` broadcast (``second``/``fill``, ``Alloc`` of a scalar,
+    a constant with equal entries), else ``None``."""
+    owner = g.owner
+    if owner is None:
+        if isinstance(g, Constant):
+            data = np.asarray(g.data)
+            if data.size and np.all(data == data.flat[0]):
+                return pt.constant(float(data.flat[0]), dtype="float64")
+        return None
+    if isinstance(owner.op, Alloc):
+        value = owner.inputs[0]
+    elif isinstance(owner.op, Elemwise) and isinstance(owner.op.scalar_op, Second):
+        value = owner.inputs[1]
+    else:
+        return None
+    if not all(value.type.broadcastable):  # not one number (an Alloc of a vector, a second of two vectors)
+        return None
+    return pt.squeeze(value).astype("float64") if value.ndim else value.astype("float64")
+
+
+@register_canonicalize
+@node_rewriter([DGMEWeightedGrad])
+def local_dgme_weighted_grad_of_sum(fgraph, node):
+    """``DGMEWeightedGrad(c broadcast, fused, ...)`` -> ``c · fused`` (the gradient of ``c Σ_n ℓ_n``)."""
+    c = _broadcast_scalar(node.inputs[0])
+    if c is None:
+        return None
+    return [c * f for f in node.inputs[1:1 + _N_PARAMS]]
+
+
+def _is_full_sum(client, var):
+    op = getattr(client, "op", None)
+    return (isinstance(op, Sum) and client.inputs[0] is var
+            and (op.axis is None or tuple(op.axis) == (0,)) and client.outputs[0].dtype == "float64")
+
+
+@register_canonicalize
+@node_rewriter([DGMELogp])
+def local_dgme_logp_sum(fgraph, node):
+    """A pointwise `DGMELogp` whose ``ℓ`` only feeds full sums (or nothing) -> ``DGMELogp(pointwise=False)``."""
+    if not node.op.pointwise:
+        return None
+    ll = node.outputs[0]
+    clients = [client for client, _ in fgraph.clients[ll]]
+    if not all(_is_full_sum(client, ll) for client in clients):
+        return None  # ℓ itself is used (or is an output of the graph); no client: only the gradients are
+    new = DGMELogp(node.op.gating, pointwise=False).make_node(*node.inputs).outputs
+    replacements = {client.outputs[0]: new[0] for client in clients}
+    replacements.update({old: fresh for old, fresh in zip(node.outputs[1:], new[1:]) if fgraph.clients[old]})
+    return replacements
+
+
 # ---------------------------------------------------------------------------------------------- numba dispatch
 def _register_numba():
     try:
@@ -220,11 +315,19 @@ def _register_numba():
         kernel = _numba_kernel()
         softmax = op.gating == "softmax"
 
-        @numba_basic.numba_njit
-        def dgme_logp_fused(log_w, b0, b1, A, B, V, X, Y, lg0):
-            return kernel(softmax, np.empty(0), log_w, b0, b1, A, B, V, X, Y, lg0)
+        if op.pointwise:
+            @numba_basic.numba_njit
+            def dgme_logp_fused(log_w, b0, b1, A, B, V, X, Y, lg0):
+                return kernel(softmax, True, np.empty(0), log_w, b0, b1, A, B, V, X, Y, lg0)
 
-        return dgme_logp_fused, KERNEL_VERSION
+            return dgme_logp_fused, KERNEL_VERSION
+
+        @numba_basic.numba_njit
+        def dgme_logp_sum_fused(log_w, b0, b1, A, B, V, X, Y, lg0):
+            total, f0, f1, f2, f3, f4, f5 = kernel(softmax, False, np.empty(0), log_w, b0, b1, A, B, V, X, Y, lg0)
+            return as_strided(total, shape=(), strides=()), f0, f1, f2, f3, f4, f5  # a 0-d array
+
+        return dgme_logp_sum_fused, KERNEL_VERSION
 
     @register_funcify_default_op_cache_key(DGMEWeightedGrad)
     def numba_funcify_DGMEWeightedGrad(op, node=None, **kwargs):
@@ -242,7 +345,7 @@ def _register_numba():
                     break
             if same:
                 return c * f0, c * f1, c * f2, c * f3, c * f4, c * f5
-            out = kernel(softmax, np.ascontiguousarray(g), log_w, b0, b1, A, B, V, X, Y, lg0)
+            out = kernel(softmax, False, np.ascontiguousarray(g), log_w, b0, b1, A, B, V, X, Y, lg0)
             return out[1], out[2], out[3], out[4], out[5], out[6]
 
         return dgme_weighted_grad, KERNEL_VERSION

@@ -15,7 +15,8 @@ Reported per model and fit:
   fits of the same model structure (d1_over and d2_over share one) load the run's cache from disk;
 - ``warm``: a second Python process builds and compiles the same model (first seed of each scenario);
 - ``ns/obs``: one logp+gradient evaluation through nutpie's compiled C callback (what the sampler
-  calls), median over repetitions with the two models interleaved, divided by ``n``;
+  calls), median over repetitions with the two models interleaved, divided by ``n`` (the JSON rows also
+  hold the minimum, the least disturbed call on a loaded machine);
 - sampling wall time (``nutpie.sample`` only), bulk ESS per second of λ and of the Voronoi loss
   (`bd.posterior_losses`), R-hat of the loss, divergences, leapfrog steps per draw.
 
@@ -23,12 +24,16 @@ Usage::
 
     .venv/bin/python benchmarks/bench_model.py            # d1_over, d2_over; n = 10^4; 3 seeds; 2 x (1000 + 1000)
     .venv/bin/python benchmarks/bench_model.py --quick    # n = 2000, 1 seed, 2 x (300 + 300): a quick look
+    .venv/bin/python benchmarks/bench_model.py --grad-only --seeds 1 --repeats 3
+        # logp+gradient only (no sampling): bayes_dgme's callback, the plain model's and the fused numba
+        # kernel alone (`bayes_dgme._fused_kernel.kernel`, pointwise and summed), interleaved
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
+import inspect
 import json
 import os
 import subprocess
@@ -113,19 +118,100 @@ def _callback(nm):
     return call
 
 
-def grad_times(nms: list, evals: int = 300) -> list[float]:
-    """Median seconds of one logp-and-gradient evaluation (nutpie's callbacks), the models interleaved."""
+def grad_times(nms: list, evals: int = 300, extra=()) -> tuple[list[float], list[float]]:
+    """Median and minimum seconds of one logp-and-gradient evaluation (nutpie's callbacks, then the
+    functions ``extra``), all interleaved."""
     calls = [(_callback(nm), np.ascontiguousarray(nm.initial_point_func(0))) for nm in nms]
     for call, x in calls:
         if call(x) != 0:
             raise RuntimeError("benchmark: the log density is not finite at the initial point")
-    times = [[] for _ in nms]
+    calls += [(fn, None) for fn in extra]
+    times = [[] for _ in calls]
     for _ in range(evals):
         for i, (call, x) in enumerate(calls):
             t0 = time.perf_counter()
             call(x)
             times[i].append(time.perf_counter() - t0)
-    return [float(np.median(t)) for t in times]
+    return [float(np.median(t)) for t in times], [float(np.min(t)) for t in times]
+
+
+def kernel_calls(model) -> list:
+    """The fused numba kernel alone on the inputs of the model's `DGMELogp` at the model's initial point:
+    pointwise (``ℓ`` written) and summed (what the rewritten log density runs)."""
+    import pytensor
+    from pytensor.graph.traversal import ancestors
+
+    from bayes_dgme._fused_kernel import kernel
+    from bayes_dgme.fused import DGMELogp
+
+    logp = model.logp()
+    node = next(v.owner for v in ancestors([logp]) if v.owner is not None and isinstance(v.owner.op, DGMELogp))
+    fn = pytensor.function(model.value_vars, node.inputs, on_unused_input="ignore", mode="FAST_COMPILE")
+    point = model.initial_point()
+    ins = [np.ascontiguousarray(a) for a in fn(**{v.name: point[v.name] for v in model.value_vars})]
+    softmax, none = node.op.gating == "softmax", np.empty(0)
+    if "pointwise" not in inspect.signature(kernel.py_func).parameters:  # an older bayes_dgme (no summed kernel)
+        kernel(softmax, none, *ins)
+        return [lambda _: kernel(softmax, none, *ins)] * 2
+    kernel(softmax, True, none, *ins)
+    kernel(softmax, False, none, *ins)
+    return [lambda _: kernel(softmax, True, none, *ins), lambda _: kernel(softmax, False, none, *ins)]
+
+
+SMALL_N = 100  # --grad-only: bayes_dgme's callback on this many rows too, for its cost per call and per row
+
+
+def grad_only(names, n, seeds, seed, repeats, evals) -> list[dict]:
+    """logp+gradient timings only (``--grad-only``): per scenario and seed, ``repeats`` interleaved rounds.
+
+    Besides ns/obs at ``n``, bayes_dgme's callback on the first `SMALL_N` rows (the same compiled model
+    with other data) splits its time in a cost per call ``t(SMALL_N)`` and per row
+    ``(t(n) − t(SMALL_N)) / (n − SMALL_N)``."""
+    rows = []
+    for name in names:
+        for s in range(seeds):
+            scenario, X, Y = _scenario_data(name, n, seed + s)
+            model = bd.build_model(X, Y, scenario.truth.known, scenario.k, gating=scenario.gating,
+                                   priors=scenario.priors)
+            ours = sampling.compile_model(model)
+            plain = nutpie.compile_pymc_model(plain_model(X, Y, scenario))
+            small = ours.with_data(X[:SMALL_N], Y[:SMALL_N])
+            extra = kernel_calls(model)
+            for rep in range(repeats):
+                med, low = grad_times([ours.nutpie_model, plain, small.nutpie_model], evals=evals, extra=extra)
+                med, low = med[:2] + med[3:] + med[2:3], low[:2] + low[3:] + low[2:3]
+                keys = ("ours", "plain", "kernel", "kernel_sum")
+                row = {"scenario": name, "seed": seed + s, "repeat": rep, "load": load(),
+                       **{f"{key}_ns_obs": 1e9 * m / n for key, m in zip(keys, med)},
+                       **{f"{key}_ns_obs_min": 1e9 * m / n for key, m in zip(keys, low)},
+                       "ours_per_call_us": 1e6 * med[4], "ours_per_call_us_min": 1e6 * low[4],
+                       "ours_per_row_ns": 1e9 * (med[0] - med[4]) / (n - SMALL_N),
+                       "ours_per_row_ns_min": 1e9 * (low[0] - low[4]) / (n - SMALL_N)}
+                rows.append(row)
+                log(f"{name} seed {seed + s} round {rep}: ns/obs median (min) bayes_dgme "
+                    f"{row['ours_ns_obs']:.1f} ({row['ours_ns_obs_min']:.1f}), plain {row['plain_ns_obs']:.1f} "
+                    f"({row['plain_ns_obs_min']:.1f}), speed-up {row['plain_ns_obs'] / row['ours_ns_obs']:.2f}x "
+                    f"({row['plain_ns_obs_min'] / row['ours_ns_obs_min']:.2f}x); kernel alone pointwise "
+                    f"{row['kernel_ns_obs']:.1f} ({row['kernel_ns_obs_min']:.1f}), summed "
+                    f"{row['kernel_sum_ns_obs']:.1f} ({row['kernel_sum_ns_obs_min']:.1f}); bayes_dgme per call "
+                    f"{row['ours_per_call_us']:.1f} ({row['ours_per_call_us_min']:.1f}) µs, per row "
+                    f"{row['ours_per_row_ns']:.1f} ({row['ours_per_row_ns_min']:.1f}) ns; {row['load']}")
+    print(f"\nn = {n}; logp+gradient ns/obs, median over {evals} interleaved calls per round (minimum in brackets)")
+    for name in names:
+        sel = [r for r in rows if r["scenario"] == name]
+
+        def med(key, sel=sel):
+            return float(np.median([r[key] for r in sel]))
+
+        print(f"{name}: bayes_dgme {med('ours_ns_obs'):.1f} ({med('ours_ns_obs_min'):.1f}), plain "
+              f"{med('plain_ns_obs'):.1f} ({med('plain_ns_obs_min'):.1f}); speed-up (median of rounds) "
+              f"{float(np.median([r['plain_ns_obs'] / r['ours_ns_obs'] for r in sel])):.2f}x; kernel alone "
+              f"{med('kernel_ns_obs'):.1f} ({med('kernel_ns_obs_min'):.1f}) pointwise, "
+              f"{med('kernel_sum_ns_obs'):.1f} ({med('kernel_sum_ns_obs_min'):.1f}) summed; bayes_dgme per call "
+              f"{med('ours_per_call_us'):.1f} ({med('ours_per_call_us_min'):.1f}) µs + per row "
+              f"{med('ours_per_row_ns'):.1f} ({med('ours_per_row_ns_min'):.1f}) ns")
+    print("kernel alone: called from Python (numba's dispatch of 12 arguments included, a few µs per call).")
+    return rows
 
 
 def _scenario_data(name, n, seed):
@@ -189,7 +275,7 @@ def bench_cell(name, n, seed, settings, chains, warm: bool):
         log(f"{tag}: warm compiles in fresh processes (plain: {plain_compile:.1f} s)")
         ours_warm = warm_compile("ours", name, n, seed)
         plain_warm = warm_compile("plain", name, n, seed)
-    g_ours, g_plain = grad_times([compiled.nutpie_model, plain_compiled])
+    (g_ours, g_plain), (g_ours_min, g_plain_min) = grad_times([compiled.nutpie_model, plain_compiled])
     log(f"{tag}: logp+grad {1e9 * g_ours / n:.1f} vs {1e9 * g_plain / n:.1f} ns/obs; warm compile "
         f"{ours_warm:.1f} vs {plain_warm:.1f} s; sampling bayes_dgme")
 
@@ -198,6 +284,7 @@ def bench_cell(name, n, seed, settings, chains, warm: bool):
     tree = bd.sample(compiled, seed=seed, progressbar=False, log_likelihood=False, chains=chains, **settings)
     seconds = float(tree.posterior.attrs["sampling_time"])
     rows["bayes_dgme"] = {"compile_s": ours_compile, "warm_compile_s": ours_warm, "grad_ns_obs": 1e9 * g_ours / n,
+                          "grad_ns_obs_min": 1e9 * g_ours_min / n,
                           **_diagnostics(tree, truth, seconds)}
     log(f"{tag}: bayes_dgme sampled in {seconds:.1f} s; sampling the plain model")
     nutpie.sample(plain_compiled, draws=2, tune=2, chains=chains, seed=seed, progress_bar=False)
@@ -205,6 +292,7 @@ def bench_cell(name, n, seed, settings, chains, warm: bool):
     ptree = nutpie.sample(plain_compiled, seed=seed, progress_bar=False, save_warmup=False, cores=chains,
                           target_accept=0.9, chains=chains, **settings)
     rows["plain"] = {"compile_s": plain_compile, "warm_compile_s": plain_warm, "grad_ns_obs": 1e9 * g_plain / n,
+                     "grad_ns_obs_min": 1e9 * g_plain_min / n,
                      **_diagnostics(ptree, truth, time.perf_counter() - t0)}
     log(f"{tag}: plain sampled in {rows['plain']['sampling_s']:.1f} s")
     return rows
@@ -221,6 +309,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=20240205)
     parser.add_argument("--quick", action="store_true", help="n = 2000, one seed, 300 tune + 300 draws")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--grad-only", action="store_true",
+                        help="time logp+gradient only (bayes_dgme, plain, the kernel alone); no sampling")
+    parser.add_argument("--repeats", type=int, default=3, help="--grad-only: interleaved rounds per dataset")
+    parser.add_argument("--evals", type=int, default=300, help="calls per model and round")
     parser.add_argument("--compile-only", choices=("ours", "plain"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     names = args.scenarios.split(",")
@@ -234,6 +326,14 @@ def main(argv=None) -> list[dict]:
     cache = tempfile.TemporaryDirectory(prefix="bench_model_cache_")
     os.environ["BAYES_DGME_CACHE_DIR"] = cache.name
     start_load = load()
+    if args.grad_only:
+        log(f"start: {start_load}; n = {args.n}, seeds {args.seeds}, {args.repeats} rounds of {args.evals} calls")
+        rows = grad_only(names, args.n, args.seeds, args.seed, args.repeats, args.evals)
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"args": vars(args), "load": [start_load, load()], "rows": rows}, fh, indent=2)
+        cache.cleanup()
+        return rows
     log(f"start: {start_load}; n = {args.n}, {args.chains} chains x ({args.tune} + {args.draws}), seeds {args.seeds}")
 
     settings = {"draws": args.draws, "tune": args.tune}
