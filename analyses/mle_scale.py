@@ -131,13 +131,16 @@ def time_fits(args) -> None:
 
 
 def mle_scenario(name: str):
-    """The scenario as this analysis fits it: weights unordered (``priors.order = "none"``).
+    """The scenario as this analysis fits it: decreasing weights off (``order = "weights"`` -> ``"none"``).
 
     EM never reads the priors, and MAP's optimum is label-invariant: the decreasing-weight ordering of
-    the over-fitted specs is a device for NUTS's mixing (`bayes_dgme.Priors`), not part of the MLE. Fixing
-    it here keeps the study folders of this analysis extendable when a spec's ordering changes.
+    the over-fitted specs is a device for NUTS's mixing (`bayes_dgme.Priors`), added to those specs after
+    this analysis's first run. Turning it off here keeps this analysis's study folders extendable; any
+    other ordering (``"intercepts"``) is the spec's own and stays.
     """
     scen = bd.load_scenario(name)
+    if scen.priors.order != "weights":
+        return scen
     return dataclasses.replace(scen, priors=dataclasses.replace(scen.priors, order="none"))
 
 
