@@ -245,7 +245,10 @@ def _fit(scenario, X, Y, seed, variant, draws, tune, compiled):
     inside_box, sample = pipeline.inside_box, sampling.sample
     if not pull_inside:  # the former start: EM's point as it comes (em_start and start_near both pulled it in)
         pipeline.inside_box = sampling.inside_box = lambda est, bounds: est
-    if options:  # fit_posterior imports sampling.sample when called
+    options = dict(options)
+    if "adaptation" in options:  # a fit_posterior setting
+        settings["adaptation"] = options.pop("adaptation")
+    if options:  # other nutpie options (fit_posterior imports sampling.sample when called)
         sampling.sample = lambda *args, **kw: sample(*args, **kw, **options)
     try:
         with warnings.catch_warnings():

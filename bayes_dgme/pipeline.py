@@ -182,7 +182,8 @@ def _add_log_likelihood(tree):
 def fit_posterior(X, Y, known, k: int, *, gating: str = "constant", priors=None, draws: int = 1000,
                   tune: int = 1000, chains: int = 2, seed=None, sampler: str = "nutpie", init: str | None = "em",
                   compiled=None, progress: bool = False, log_likelihood: bool = True, truth=None,
-                  target_accept: float = 0.9, predictive: bool = False, covariates=None) -> PosteriorFit:
+                  target_accept: float = 0.9, predictive: bool = False, covariates=None,
+                  adaptation: str = "auto") -> PosteriorFit:
     """Build, start and sample the posterior of a DGME on ``(X, Y)``; the one fitting path of the package.
 
     Parameters
@@ -218,6 +219,9 @@ def fit_posterior(X, Y, known, k: int, *, gating: str = "constant", priors=None,
         Also draw ``posterior_predictive`` (one replicate of ``y`` per draw).
     covariates : sequence of str, optional
         Names of the covariates (default: a DataFrame's columns, else ``0..d-1``).
+    adaptation : {"auto", "diag", "draw_diag", "low_rank", "flow"}, default "auto"
+        nutpie's mass-matrix adaptation (`bayes_dgme.sampling.sample`; ``"auto"``:
+        `bayes_dgme.sampling.default_adaptation`).
 
     Returns
     -------
@@ -269,7 +273,8 @@ def fit_posterior(X, Y, known, k: int, *, gating: str = "constant", priors=None,
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ingle value.*")
         tree = sample(model, draws=draws, tune=tune, chains=chains, seed=sample_seed, sampler=sampler,
-                      target_accept=target_accept, progressbar=progress, log_likelihood=False, init=None)
+                      target_accept=target_accept, progressbar=progress, log_likelihood=False, init=None,
+                      adaptation=adaptation)
     timings["sample"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if log_likelihood:
@@ -321,7 +326,8 @@ def fit_scenario(scenario, X, Y, *, seed=None, compiled=None, progress: bool = F
         As in `fit_posterior`.
     **overrides
         Any other keyword of `fit_posterior` (``draws``, ``tune``, ``chains``, ``sampler``,
-        ``target_accept``, ``init``, ``log_likelihood``, ``predictive``, ``covariates``, ``truth``)
+        ``target_accept``, ``init``, ``log_likelihood``, ``predictive``, ``covariates``, ``truth``,
+        ``adaptation``)
         replaces the scenario's value; ``None`` values are ignored.
     """
     from .scenario import load_scenario

@@ -59,6 +59,11 @@ def test_reuse_compiled_same_seed_same_draws_and_huge_seed(fitted):
     assert one.tree["posterior"].sizes["chain"] == 1
     assert "log_likelihood" not in one.tree.children
     assert one.diagnostics["rhat"].isna().all()
+    assert fit.tree["posterior"].attrs["adaptation"] == "diag"  # "auto" on an unordered model
+    drawn = pipeline.fit_scenario(sc, X, Y, seed=5, draws=100, tune=150, chains=2, compiled=fit.compiled,
+                                  adaptation="draw_diag", log_likelihood=False)
+    assert drawn.tree["posterior"].attrs["adaptation"] == "draw_diag"
+    assert not np.array_equal(drawn.tree["posterior"]["lam"].values, fit.tree["posterior"]["lam"].values)
 
 
 def test_bad_settings_name_the_field():
@@ -71,3 +76,5 @@ def test_bad_settings_name_the_field():
         pipeline.fit_posterior(X, np.zeros(5), bd.known.GaussianExpert([0.0], 0.0, 1.0), 1, covariates=["a", "b"])
     with pytest.raises(ValueError, match="init"):
         pipeline.fit_posterior(X, np.zeros(5), bd.known.GaussianExpert([0.0], 0.0, 1.0), 1, init="bogus")
+    with pytest.raises(ValueError, match="adaptation"):
+        pipeline.fit_posterior(X, np.zeros(5), bd.known.GaussianExpert([0.0], 0.0, 1.0), 1, adaptation="bogus")
