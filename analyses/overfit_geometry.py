@@ -221,21 +221,23 @@ def _unordered(priors):
 _GRAD = {"adaptation": "diag"}
 _DRAW = {"adaptation": "draw_diag"}
 
-#: name -> (priors change, EM start pulled inside the box, nutpie options, sampler settings). The nutpie
-#: options go to ``nutpie.sample`` (through `bayes_dgme.sampling.sample`); the sampler settings
-#: (``draws``, ``tune``, ``chains``) replace the scenario's ``[sampler]`` ones and ``--draws``/``--tune``.
+#: name -> (priors change, EM start pulled inside the box, other nutpie options, fit settings). The fit
+#: settings (``adaptation``, ``draws``, ``tune``, ``chains``, ``target_accept``) go to `bayes_dgme.fit_scenario`
+#: and replace the scenario's ``[sampler]`` ones and ``--draws``/``--tune``; the other nutpie options go to
+#: ``nutpie.sample`` (through `bayes_dgme.sampling.sample`).
 #: ``previous``: the default before issue #12 item 3's sampler change (nutpie's "diag", 1000 draws).
-VARIANTS = {"default": (None, True, {}, {}), "former": (_unordered, False, _GRAD, {"draws": 1000}),
-            "probit": (_probit, True, _GRAD, {"draws": 1000}), "ordered": (_by_weight, True, _GRAD, {"draws": 1000}),
-            "previous": (None, True, _GRAD, {"draws": 1000}),
-            "drawdiag": (None, True, _DRAW, {"draws": 1000}),
-            "lowrank": (None, True, {"adaptation": "low_rank"}, {"draws": 1000}),
-            "switch20": (None, True, {**_GRAD, "mass_matrix_switch_freq": 20}, {"draws": 1000}),
-            "tune3": (None, True, _GRAD, {"draws": 1000, "tune": 3000}),
-            "draws2": (None, True, _GRAD, {"draws": 2000}),
-            "chains4": (None, True, _GRAD, {"draws": 1000, "chains": 4}),
-            "drawdiag_draws2": (None, True, _DRAW, {"draws": 2000}),
-            "drawdiag_ta80": (None, True, _DRAW, {"draws": 1000, "target_accept": 0.8})}
+VARIANTS = {"default": (None, True, {}, {}), "former": (_unordered, False, {}, {**_GRAD, "draws": 1000}),
+            "probit": (_probit, True, {}, {**_GRAD, "draws": 1000}),
+            "ordered": (_by_weight, True, {}, {**_GRAD, "draws": 1000}),
+            "previous": (None, True, {}, {**_GRAD, "draws": 1000}),
+            "drawdiag": (None, True, {}, {**_DRAW, "draws": 1000}),
+            "lowrank": (None, True, {}, {"adaptation": "low_rank", "draws": 1000}),
+            "switch20": (None, True, {"mass_matrix_switch_freq": 20}, {**_GRAD, "draws": 1000}),
+            "tune3": (None, True, {}, {**_GRAD, "draws": 1000, "tune": 3000}),
+            "draws2": (None, True, {}, {**_GRAD, "draws": 2000}),
+            "chains4": (None, True, {}, {**_GRAD, "draws": 1000, "chains": 4}),
+            "drawdiag_draws2": (None, True, {}, {**_DRAW, "draws": 2000}),
+            "drawdiag_ta80": (None, True, {}, {**_DRAW, "draws": 1000, "target_accept": 0.8})}
 
 
 def _fit(scenario, X, Y, seed, variant, draws, tune, compiled):
@@ -245,10 +247,7 @@ def _fit(scenario, X, Y, seed, variant, draws, tune, compiled):
     inside_box, sample = pipeline.inside_box, sampling.sample
     if not pull_inside:  # the former start: EM's point as it comes (em_start and start_near both pulled it in)
         pipeline.inside_box = sampling.inside_box = lambda est, bounds: est
-    options = dict(options)
-    if "adaptation" in options:  # a fit_posterior setting
-        settings["adaptation"] = options.pop("adaptation")
-    if options:  # other nutpie options (fit_posterior imports sampling.sample when called)
+    if options:  # nutpie options fit_scenario does not take (fit_posterior imports sampling.sample when called)
         sampling.sample = lambda *args, **kw: sample(*args, **kw, **options)
     try:
         with warnings.catch_warnings():
