@@ -298,6 +298,13 @@ def bench_cell(name, n, seed, settings, chains, warm: bool):
     return rows
 
 
+def write_json(args, loads: list, rows: list[dict]) -> None:
+    """The rows, the arguments and the load averages at start and end to ``--json`` (when given)."""
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"args": vars(args), "load": loads, "rows": rows}, fh, indent=2)
+
+
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", default="d1_over,d2_over")
@@ -329,9 +336,7 @@ def main(argv=None) -> list[dict]:
     if args.grad_only:
         log(f"start: {start_load}; n = {args.n}, seeds {args.seeds}, {args.repeats} rounds of {args.evals} calls")
         rows = grad_only(names, args.n, args.seeds, args.seed, args.repeats, args.evals)
-        if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"args": vars(args), "load": [start_load, load()], "rows": rows}, fh, indent=2)
+        write_json(args, [start_load, load()], rows)
         cache.cleanup()
         return rows
     log(f"start: {start_load}; n = {args.n}, {args.chains} chains x ({args.tune} + {args.draws}), seeds {args.seeds}")
@@ -344,9 +349,7 @@ def main(argv=None) -> list[dict]:
             cell = bench_cell(name, args.n, seed, settings, args.chains, warm=s == 0)
             for model, r in cell.items():
                 rows.append({"scenario": name, "seed": seed, "model": model, **r})
-            if args.json:  # after every fit: a long run that is cut short keeps what it measured
-                with open(args.json, "w") as fh:
-                    json.dump({"args": vars(args), "load": [start_load, load()], "rows": rows}, fh, indent=2)
+            write_json(args, [start_load, load()], rows)  # after every fit: a run cut short keeps what it measured
             o, p = cell["bayes_dgme"], cell["plain"]
             log(f"{name} seed {seed}: grad {o['grad_ns_obs']:.1f} vs {p['grad_ns_obs']:.1f} ns/obs; "
                 f"ESS/s λ {o['ess_per_s_lam']:.2f} vs {p['ess_per_s_lam']:.2f}; "
@@ -383,9 +386,7 @@ def main(argv=None) -> list[dict]:
     print("ESS/s: bulk ESS / sampling wall time. compile: build + compile in the run (the run's first fit is "
           "cold for bayes_dgme);")
     print("warm: build + compile in a second process. Timings are wall clock on a shared machine.")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"args": vars(args), "load": [start_load, end_load], "rows": rows}, fh, indent=2)
+    write_json(args, [start_load, end_load], rows)
     cache.cleanup()
     return rows
 
