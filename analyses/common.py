@@ -8,6 +8,7 @@ costs nothing to another), then `bayes_dgme.contraction_rates` and `bayes_dgme.p
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from pathlib import Path
 
@@ -80,3 +81,15 @@ def study(scenario, label: str, args, estimators: str | None = None, n: list[int
     df = df.reset_index(drop=True)
     print(f"[{label}] {len(df)} cells in {folder} ({time.perf_counter() - t0:.0f} s this run)", flush=True)
     return df
+
+
+def curated_copy(src: Path, dst: Path) -> None:
+    """Copy a figure to ``docs/figures`` as a small PNG (128-colour palette: about a third of the size)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        from PIL import Image
+
+        with Image.open(src) as im:
+            im.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
+    except (ImportError, OSError, ValueError):
+        shutil.copyfile(src, dst)

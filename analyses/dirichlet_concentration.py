@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import posterior_scale as ps
+from common import curated_copy
 from matplotlib.figure import Figure
 
 import bayes_dgme as bd
@@ -266,7 +267,7 @@ def write_outputs(studies: dict[float, ps.Study], args, started: float) -> pd.Da
     figure(frames, rates, fig_path, f"{base.name} (k = {base.k}, k* = {base.truth.k}): posterior contraction by "
                                     f"Dirichlet α, n up to {max(args.sizes)}", args.merged_mass)
     if not args.no_figure_copy:
-        ps.curated_copy(fig_path, FIGURE)
+        curated_copy(fig_path, FIGURE)
     ps.say(f"wrote {args.out / 'rates.md'}, {args.out / 'slow_rates.md'}, {fig_path}")
     return rates
 

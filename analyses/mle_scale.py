@@ -41,8 +41,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from common import curated_copy
 from matplotlib.figure import Figure
-from posterior_scale import curated_copy
 
 import bayes_dgme as bd
 from bayes_dgme.rates import RateWarning, rates_markdown, write_rates

@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shutil
 import sys
 import time
 import warnings
@@ -51,6 +50,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from common import curated_copy
 from matplotlib.figure import Figure
 
 import bayes_dgme as bd
@@ -431,18 +431,6 @@ def figure(frames: dict[str, pd.DataFrame], rates: pd.DataFrame, path: Path, tit
     axes[1, 0].set_ylabel("R-hat (2 chains)")
     fig.suptitle(title, fontsize=11)
     plots.save(fig, path)
-
-
-def curated_copy(src: Path, dst: Path) -> None:
-    """Copy a figure to ``docs/figures`` as a small PNG (128-colour palette: about a third of the size)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        from PIL import Image
-
-        with Image.open(src) as im:
-            im.convert("RGB").quantize(colors=128, method=Image.Quantize.MEDIANCUT).save(dst, optimize=True)
-    except (ImportError, OSError, ValueError):
-        shutil.copyfile(src, dst)
 
 
 # ------------------------------------------------------------------------------------------ main
