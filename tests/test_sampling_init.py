@@ -151,3 +151,24 @@ def test_over_fitted_fit_converges_with_the_default_settings():
     assert int(tree["sample_stats"]["diverging"].sum()) == 0
     assert table.loc["voronoi_loss", "rhat"] <= RHAT_MAX and table.loc["lam", "rhat"] <= RHAT_MAX
     assert abs(float(tree["posterior"]["lam"].mean()) - sc.truth.lam) < 0.1
+
+
+@pytest.mark.slow
+def test_small_dirichlet_concentration_empties_the_surplus_expert():
+    # Rousseau & Mengersen (2011): with k = 3 experts for k* = 2, a Dirichlet(α) prior with α below half
+    # a component's dimension ((d + 2) / 2 = 1.5 here) empties the surplus expert, one above it lets
+    # it share an occupied component. d1_over's own prior (α = 1/2) against α = 5 on the same data
+    # (n = 1000, seed 1, 2 x (500 + 500)): the lightest weight's posterior median was 0.005 against
+    # 0.14 when this test was written. The 0.02 threshold is the "emptied" line of
+    # analyses/overfit_geometry.py, 4x above the α = 1/2 value and 7x below the α = 5 one.
+    sc = bd.load_scenario("d1_over")
+    assert sc.priors.dirichlet_alpha == 0.5 and sc.sampler.target_accept == 0.98
+    X, Y = sc.simulate(1000, seed=1)
+    lightest = {}
+    for alpha in (0.5, 5.0):
+        fit = bd.fit_scenario(sc, X, Y, seed=1, priors=sc.priors.replace(dirichlet_alpha=alpha), draws=500,
+                              tune=500)
+        w = fit.tree["posterior"]["weights"].values
+        lightest[alpha] = float(np.median(w.min(axis=-1)))
+        assert int(fit.tree["sample_stats"]["diverging"].sum()) == 0
+    assert lightest[0.5] < 0.02 < lightest[5.0], lightest
