@@ -8,6 +8,9 @@ the graph, ``X``, ``Y`` as constants, the mixture as a ``pm.Potential`` with ``l
 settings (bayes_dgme starts its chains near the EM estimate, as `bd.sample` does; the plain model at
 nutpie's default start).
 
+Both models sample with the scenario's ``[sampler]`` settings (draws, tuning, target acceptance: what
+`bd.fit_scenario` uses) unless ``--draws``, ``--tune`` or ``--target-accept`` are given.
+
 Reported per model and fit:
 
 - ``compile``: build and compile in this process; the first fit of the run is *cold* for bayes_dgme
@@ -22,7 +25,8 @@ Reported per model and fit:
 
 Usage::
 
-    .venv/bin/python benchmarks/bench_model.py            # d1_over, d2_over; n = 10^4; 3 seeds; 2 x (1000 + 1000)
+    .venv/bin/python benchmarks/bench_model.py            # d1_over, d2_over; n = 10^4; 3 seeds; each scenario's
+                                                          # [sampler] draws, tuning and target acceptance
     .venv/bin/python benchmarks/bench_model.py --quick    # n = 2000, 1 seed, 2 x (300 + 300): a quick look
     .venv/bin/python benchmarks/bench_model.py --grad-only --seeds 1 --repeats 3
         # logp+gradient only (no sampling): bayes_dgme's callback, the plain model's and the fused numba
@@ -214,6 +218,15 @@ def grad_only(names, n, seeds, seed, repeats, evals) -> list[dict]:
     return rows
 
 
+def sampler_settings(name, args) -> dict:
+    """Draws, tuning steps and target acceptance of both models: the scenario's ``[sampler]`` table (what
+    `bd.fit_scenario` uses), unless given on the command line."""
+    s = bd.load_scenario(name).sampler
+    given = {"draws": args.draws, "tune": args.tune, "target_accept": args.target_accept}
+    return {**{"draws": s.draws, "tune": s.tune, "target_accept": s.target_accept},
+            **{k: v for k, v in given.items() if v is not None}}
+
+
 def _scenario_data(name, n, seed):
     scenario = bd.load_scenario(name)
     X, Y = scenario.simulate(n, seed=seed)
@@ -290,7 +303,7 @@ def bench_cell(name, n, seed, settings, chains, warm: bool):
     nutpie.sample(plain_compiled, draws=2, tune=2, chains=chains, seed=seed, progress_bar=False)
     t0 = time.perf_counter()
     ptree = nutpie.sample(plain_compiled, seed=seed, progress_bar=False, save_warmup=False, cores=chains,
-                          target_accept=0.9, chains=chains, **settings)
+                          chains=chains, **settings)
     rows["plain"] = {"compile_s": plain_compile, "warm_compile_s": plain_warm, "grad_ns_obs": 1e9 * g_plain / n,
                      "grad_ns_obs_min": 1e9 * g_plain_min / n,
                      **_diagnostics(ptree, truth, time.perf_counter() - t0)}
@@ -309,8 +322,10 @@ def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenarios", default="d1_over,d2_over")
     parser.add_argument("--n", type=int, default=10_000)
-    parser.add_argument("--draws", type=int, default=1000)
-    parser.add_argument("--tune", type=int, default=1000)
+    parser.add_argument("--draws", type=int, default=None, help="kept draws per chain (default: each scenario's)")
+    parser.add_argument("--tune", type=int, default=None, help="tuning steps per chain (default: each scenario's)")
+    parser.add_argument("--target-accept", type=float, default=None,
+                        help="target acceptance of both models (default: each scenario's)")
     parser.add_argument("--chains", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds (datasets) per scenario")
     parser.add_argument("--seed", type=int, default=20240205)
@@ -339,11 +354,11 @@ def main(argv=None) -> list[dict]:
         write_json(args, [start_load, load()], rows)
         cache.cleanup()
         return rows
-    log(f"start: {start_load}; n = {args.n}, {args.chains} chains x ({args.tune} + {args.draws}), seeds {args.seeds}")
-
-    settings = {"draws": args.draws, "tune": args.tune}
     rows = []
     for name in names:
+        settings = sampler_settings(name, args)
+        log(f"{name}: n = {args.n}, {args.chains} chains x ({settings['tune']} + {settings['draws']}), "
+            f"target_accept {settings['target_accept']}, seeds {args.seeds} ({start_load})")
         for s in range(args.seeds):
             seed = args.seed + s
             cell = bench_cell(name, args.n, seed, settings, args.chains, warm=s == 0)
@@ -356,8 +371,9 @@ def main(argv=None) -> list[dict]:
                 f"ESS/s loss {o['ess_per_s_loss']:.2f} vs {p['ess_per_s_loss']:.2f}")
     end_load = load()
 
-    print(f"\nn = {args.n}, {args.chains} chains × ({args.tune} tune + {args.draws} draws), nutpie, target_accept 0.9; "
-          f"{start_load} at the start, {end_load} at the end\n")
+    print(f"\nn = {args.n}, {args.chains} chains, nutpie; "
+          + "; ".join(f"{name}: {sampler_settings(name, args)}" for name in names)
+          + f"; {start_load} at the start, {end_load} at the end\n")
     head = (f"{'scenario':<9}{'seed':>9} {'model':<11}{'compile':>8}{'warm':>6}{'ns/obs':>8}{'sample s':>9}"
             f"{'ESS/s λ':>9}{'ESS/s L':>9}{'R̂ loss':>8}{'div':>5}{'steps':>7}{'med L':>8}")
     print(head)
