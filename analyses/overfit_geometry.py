@@ -86,7 +86,8 @@ Findings (n = 2000, 2 chains × (1000 + 1000), seeds 0-4 and 5-9, loaded 2-core 
   on seeds 0-9, 3 of 20 on seeds 10-19; 0.98: 0 of 20 on seeds 10-19.
 * Today's scenarios (Dirichlet(1/2), 0.98, 2000 draws), on data not used to choose the prior: 40 of
   40 fits at n = 2000 (seeds 20-39; ``before`` 34 of 40 on the same data) and 19 of 20 at n = 10^4
-  (seeds 10-19; ``before`` 14 of 20), no divergence, median bulk ESS of the loss 1926 and 1846 of
+  (seeds 10-19; ``before`` 14 of 20; ``alpha1``, today's sampler under Dirichlet(1), 37 of 40 at
+  n = 2000 with ESS 903), no divergence, median bulk ESS of the loss 1926 and 1846 of
   4000 draws (``before``: 475 and 518 of 2000), for 4.4x and 4x ``before``'s sampling time (7.6 s
   and 23 s; ESS per second about the same: 253 and 81 against 279 and 91). The failure at n = 10^4
   (d2_over seed 12) and the one at 0.95 on d2_over seed 36 (n = 2000) are posteriors with two modes:
