@@ -355,8 +355,9 @@ def main(argv=None) -> list[dict]:
         cache.cleanup()
         return rows
     rows = []
+    settings_by_name = {name: sampler_settings(name, args) for name in names}
     for name in names:
-        settings = sampler_settings(name, args)
+        settings = settings_by_name[name]
         log(f"{name}: n = {args.n}, {args.chains} chains x ({settings['tune']} + {settings['draws']}), "
             f"target_accept {settings['target_accept']}, seeds {args.seeds} ({start_load})")
         for s in range(args.seeds):
@@ -372,7 +373,7 @@ def main(argv=None) -> list[dict]:
     end_load = load()
 
     print(f"\nn = {args.n}, {args.chains} chains, nutpie; "
-          + "; ".join(f"{name}: {sampler_settings(name, args)}" for name in names)
+          + "; ".join(f"{name}: {settings}" for name, settings in settings_by_name.items())
           + f"; {start_load} at the start, {end_load} at the end\n")
     head = (f"{'scenario':<9}{'seed':>9} {'model':<11}{'compile':>8}{'warm':>6}{'ns/obs':>8}{'sample s':>9}"
             f"{'ESS/s λ':>9}{'ESS/s L':>9}{'R̂ loss':>8}{'div':>5}{'steps':>7}{'med L':>8}")

@@ -139,9 +139,8 @@ def test_ordered_over_fitted_models_adapt_the_mass_matrix_to_the_draws(over_mode
 def test_over_fitted_fit_converges_with_the_default_settings():
     # d2_over (k = 3 for k* = 2, g0 a Gaussian expert) at n = 500 with the scenario's sampler settings
     # (2 x (1000 + 2000), target acceptance 0.98, EM start, draw-variance mass matrix, Dirichlet(1/2)
-    # prior): no divergence, the label-invariant
-    # R-hat of λ and of the Voronoi loss within the diagnostics' threshold, λ near its truth (0.6;
-    # posterior sd ~0.03 at n = 500)
+    # prior): no divergence, the label-invariant R-hat of λ and of the Voronoi loss within the
+    # diagnostics' threshold, λ near its truth (0.6; posterior sd ~0.03 at n = 500)
     from bayes_dgme.diagnostics import RHAT_MAX
 
     sc = bd.load_scenario("d2_over")
